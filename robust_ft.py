@@ -1,0 +1,830 @@
+"""Robust training and robust fine-tuning for CIFAR-sized images, in one readable module.
+
+Reading order:
+  1. Models      ResNet-18, PreAct ResNet-18, WRN-34-10 (CIFAR variants, inputs in [0, 1])
+  2. Data        CIFAR-10/100, SVHN, ImageFolder roots and a synthetic set, kept on the device
+  3. Attacks     one PGD routine with CE, CW-margin and TRADES-KL objectives
+  4. Losses      natural training, Madry AT, TRADES, the SGD schedule and the epoch loop
+  5. CURE        RGP update mask (Eq. 6), revision model (Eq. 7), consistency loss (Eq. 8)
+  6. RiFT        module robust criticality, module fine-tuning, weight interpolation
+  7. Evaluation  clean / PGD / CW / AutoAttack accuracy, NRR (Eq. 9), checkpoints
+
+Equation numbers refer to the CURE paper (Conserve-Update-Revise, "CURE"); RiFT refers to
+"Improving Generalization of Adversarial Training via Robust Critical Fine-Tuning" (ICCV 2023).
+Every function takes explicit arguments; nothing here reads a global or parses a command line
+(`run.py` does that). The device always comes from the inputs.
+"""
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# =============================================================================
+# 1. Models (CIFAR variants: 3x3 stem, no max-pool; inputs in [0, 1], normalised inside)
+# =============================================================================
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with per-channel buffers, so attacks and eps live in pixel space."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def conv3x3(c_in, c_out, stride=1):
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): conv-bn-relu-conv-bn + shortcut."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # projection shortcut: 1x1 conv + BN
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block (He et al. 2016b): bn-relu-conv-bn-relu-conv + shortcut."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), conv3x3(c_in, c_out, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), conv3x3(c_out, c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # projection shortcut: 1x1 conv only, as in Rice et al.
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if len(self.shortcut) else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18; `width` is the first stage's channel count (64 in the paper)."""
+
+    def __init__(self, num_classes=10, width=64, preact=False, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        block = PreActBlock if preact else BasicBlock
+        self.preact = preact
+        self.normalize = Normalize(mean, std)
+        self.conv1 = conv3x3(3, width)
+        if not preact:
+            self.bn1 = nn.BatchNorm2d(width)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        c_in = width
+        for i, (c_out, stride) in enumerate(zip(widths, [1, 2, 2, 2])):
+            self.add_module(f"layer{i + 1}", nn.Sequential(block(c_in, c_out, stride), block(c_out, c_out, 1)))
+            c_in = c_out
+        if preact:
+            self.bn = nn.BatchNorm2d(c_in)  # final BN-ReLU before pooling (Rice et al. 2020)
+        self.linear = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):                                     # x: (B, 3, H, W) in [0, 1]
+        out = self.conv1(self.normalize(x))
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if self.preact:
+            out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)        # (B, 8 * width)
+        return self.linear(out)                               # logits (B, num_classes)
+
+
+class WideBlock(nn.Module):
+    """WRN block (Zagoruyko & Komodakis 2016, TRADES layout): bn-relu-conv-bn-relu-conv."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), conv3x3(c_in, c_out, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), conv3x3(c_out, c_out)
+        self.equal_in_out = c_in == c_out and stride == 1
+        self.shortcut = None if self.equal_in_out else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.equal_in_out else self.shortcut(out)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class WideStage(nn.Module):
+    """`blocks` WRN blocks; the wrapper gives the `blockN.layer.<i>` names RiFT reports."""
+
+    def __init__(self, blocks, c_in, c_out, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(blocks)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-34-10: depth 34 (5 blocks per stage); `width` is the first stage's channels (16 * 10)."""
+
+    def __init__(self, num_classes=10, width=160, depth=34, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        blocks = (depth - 4) // 6
+        self.normalize = Normalize(mean, std)
+        self.conv1 = conv3x3(3, 16)
+        self.block1 = WideStage(blocks, 16, width, 1)
+        self.block2 = WideStage(blocks, width, 2 * width, 2)
+        self.block3 = WideStage(blocks, 2 * width, 4 * width, 2)
+        self.bn1 = nn.BatchNorm2d(4 * width)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1).flatten(1)
+        return self.fc(out)
+
+
+MODELS = {  # name -> (constructor, default width)
+    "resnet18": (lambda **kw: ResNet18(preact=False, **kw), 64),
+    "preact_resnet18": (lambda **kw: ResNet18(preact=True, **kw), 64),
+    "wrn34_10": (lambda **kw: WideResNet(depth=34, **kw), 160),
+}
+
+
+def build_model(name, num_classes=10, width=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """A CIFAR model taking images in [0, 1]; `width` scales channels (None = the paper's)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    make, default_width = MODELS[name]
+    width = default_width if width is None else width
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"width={width!r} must be a positive integer")
+    return make(num_classes=num_classes, width=width, mean=mean, std=std)
+
+
+def masked_parameters(model, exclude=()):
+    """The (name, parameter) pairs the RGP mask applies to: every weight with ndim >= 2 (spec, step 5)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.ndim >= 2 and not any(n == e or n.startswith(e + ".") for e in exclude)]
+
+
+def classifier_name(model):
+    """Qualified name of the final Linear layer (`linear` or `fc`)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+# =============================================================================
+# 2. Data: uint8 tensors on the training device, augmented in batches (no DataLoader)
+# =============================================================================
+
+@dataclass
+class Split:
+    """Images as uint8 (N, 3, H, W) and labels as int64 (N,), on one device."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self):
+        return len(self.y)
+
+    def to(self, device):
+        return Split(self.x.to(device), self.y.to(device))
+
+    def subset(self, index):
+        return Split(self.x[index], self.y[index])
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+DATASETS = ("cifar10", "cifar100", "svhn", "folder", "synthetic")
+DATASET_STATS = {  # per-channel mean/std of the training images, used inside the model
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+def synthetic_data(num_train=2000, num_test=500, num_classes=10, size=32, seed=0):
+    """A learnable, download-free image set: each class is a smooth random colour template.
+
+    Images are template + per-image noise, shifted by up to 4 pixels and with random contrast,
+    so a CNN has to learn the pattern; the template amplitude (about 0.2) is far above
+    eps = 8/255, so robust features exist, yet a naturally trained model is fooled at that eps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g) - 0.5, size=size + 4,
+                              mode="bicubic", align_corners=False)       # (C, 3, size+4, size+4)
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        dx, dy = torch.randint(5, (2, n), generator=g)
+        rows = (dy[:, None] + torch.arange(size))[:, None, :, None]           # (n, 1, size, 1)
+        cols = (dx[:, None] + torch.arange(size))[:, None, None, :]           # (n, 1, 1, size)
+        t = templates[y][torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
+        x = 0.5 + 0.4 * contrast * t + 0.12 * torch.randn(n, 3, size, size, generator=g)
+        return Split((x.clamp(0, 1) * 255).round().to(torch.uint8), y)
+
+    return Data(sample(num_train), sample(num_test), num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _to_split(images, labels):
+    """uint8 NHWC numpy (or a list of PIL images) -> Split in NCHW."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack([np.asarray(i) for i in images])
+                                              if isinstance(images, list) else images))
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def _read_image_folder(root):
+    """ImageFolder layout root/<class>/<file>: decode every image once into uint8 NCHW."""
+    from PIL import Image
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    images, labels, per_class = [], [], []
+    for label, cls in enumerate(classes):
+        files = sorted(os.listdir(os.path.join(root, cls)))
+        per_class.append(len(files))
+        for f in files:
+            with Image.open(os.path.join(root, cls, f)) as im:
+                images.append(np.asarray(im.convert("RGB")))
+            labels.append(label)
+    return _to_split(images, labels), classes, per_class
+
+
+def folder_data(root, holdout_per_class=500):
+    """ImageFolder root with train/ (and test/). Without test/, the last `holdout_per_class`
+    images of every class (in file-name order) become the test split, the rest train."""
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"folder dataset: {train_dir!r} does not exist; expected ROOT/train/<class>/*")
+    train, classes, per_class = _read_image_folder(train_dir)
+    if os.path.isdir(test_dir):
+        test = _read_image_folder(test_dir)[0]
+    else:  # hold out the tail of each class: deterministic, class-balanced
+        starts = np.cumsum([0] + per_class)
+        is_test = torch.zeros(len(train), dtype=torch.bool)
+        for s, n in zip(starts[:-1], per_class):
+            is_test[s + n - min(holdout_per_class, n):s + n] = True
+        train, test = train.subset(~is_test), train.subset(is_test)
+    mean = tuple((train.x.float() / 255).mean(dim=(0, 2, 3)).tolist())
+    std = tuple((train.x.float() / 255).std(dim=(0, 2, 3)).tolist())
+    return Data(train, test, len(classes), mean, std)
+
+
+def torchvision_data(name, data_dir, download=True):
+    """CIFAR-10, CIFAR-100 or SVHN through torchvision, decoded once into uint8 tensors."""
+    import torchvision
+    try:
+        if name == "svhn":
+            tr = torchvision.datasets.SVHN(data_dir, split="train", download=download)
+            te = torchvision.datasets.SVHN(data_dir, split="test", download=download)
+            train, test = Split(torch.from_numpy(tr.data), torch.from_numpy(tr.labels).long()), \
+                Split(torch.from_numpy(te.data), torch.from_numpy(te.labels).long())
+            num_classes = 10
+        else:
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            tr, te = cls(data_dir, train=True, download=download), cls(data_dir, train=False, download=download)
+            train, test = _to_split(tr.data, tr.targets), _to_split(te.data, te.targets)
+            num_classes = len(tr.classes)
+    except (RuntimeError, OSError) as e:  # no network, or a corrupt / missing local copy
+        raise RuntimeError(
+            f"could not load {name!r} from {os.path.abspath(data_dir)!r} ({e}). Download it on a machine "
+            f"with internet access and point --data-dir at the folder that holds it "
+            f"(torchvision's layout, e.g. DIR/cifar-10-batches-py), or use 'folder' or 'synthetic'.") from None
+    mean, std = DATASET_STATS[name]
+    return Data(train, test, num_classes, mean, std)
+
+
+def load_data(name, data_dir="data", holdout_per_class=500, synthetic_size=(2000, 500), seed=0):
+    """Load a dataset by name: one of DATASETS."""
+    if name == "synthetic":
+        return synthetic_data(*synthetic_size, seed=seed)
+    if name == "folder":
+        return folder_data(data_dir, holdout_per_class)
+    if name in DATASET_STATS:
+        return torchvision_data(name, data_dir)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+
+
+def split_validation(train, size, seed=0):
+    """Carve a seeded random validation split of `size` images out of the training split."""
+    if not 0 <= size < len(train):
+        raise ValueError(f"validation size {size} must be in [0, {len(train)})")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[size:]), train.subset(order[:size])
+
+
+def augment(x, generator):
+    """Random crop with 4-pixel zero padding and horizontal flip, for a uint8 batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy, dx = torch.randint(9, (2, b), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]      # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]      # (B, 1, 1, W)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def batches(split, batch_size, generator=None, train=False):
+    """Yield (x, y) with x float in [0, 1]; with train=True shuffled, augmented and full batches only."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator).to(split.y.device) if train else None
+    stop = n - n % batch_size if train and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size] if train else slice(i, i + batch_size)
+        x = split.x[idx]
+        if train:
+            x = augment(x, generator)
+        yield x.float().div_(255), split.y[idx]
+
+
+# =============================================================================
+# 3. Attacks: one PGD routine (Madry et al. 2018) for training, evaluation, TRADES, CURE, RiFT
+# =============================================================================
+
+ATTACK_LOSSES = ("ce", "cw", "kl")
+
+
+def cw_margin(logits, y):
+    """CW margin per example: max_{j != y} z_j - z_y (positive = misclassified)."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.max(dim=1).values - z_y
+
+
+def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random_start=True):
+    """L-inf PGD: x^{t+1} = clip_[0,1](Proj_eps(x^t + step * sign(grad_x L(x^t)))).
+
+    loss: "ce" cross-entropy, "cw" margin max_{j != y} z_j - z_y, "kl" the TRADES inner
+    maximisation KL(p(x) || p(x')) started at x + 0.001 * N(0, 1) (Eq. 4). The model is put in
+    eval mode (BatchNorm uses running statistics) and restored; parameters get no gradient.
+    """
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {list(ATTACK_LOSSES)}")
+    if eps < 0:
+        raise ValueError(f"eps={eps!r} must be >= 0")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            if loss == "kl":
+                with torch.no_grad():
+                    p_nat = F.softmax(model(x), dim=1)
+                x_adv = x + 0.001 * torch.randn_like(x)
+            elif random_start:
+                x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+            else:
+                x_adv = x.clone()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                logits = model(x_adv)
+                if loss == "ce":
+                    objective = F.cross_entropy(logits, y, reduction="sum")
+                elif loss == "cw":
+                    objective = cw_margin(logits, y).sum()
+                else:
+                    objective = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum")
+                grad, = torch.autograd.grad(objective, [x_adv])   # never touches parameter .grad
+                x_adv = x_adv.detach() + step_size * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    finally:
+        model.train(was_training)
+    return x_adv.detach()
+
+
+# =============================================================================
+# 4. Losses and training: natural, Madry AT, TRADES; SGD with the papers' step schedule
+# =============================================================================
+
+def trades_loss(logits_nat, logits_adv, y, beta=6.0):
+    """TRADES: CE(f(x), y) + beta * (1/B) * sum_i KL(p(x_i) || p(x_adv_i))  (Zhang et al. 2019)."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits_nat, y) + beta * kl
+
+
+def natural_step(model, optimizer, x, y):
+    """One SGD step on CE(f(x), y). Returns the detached loss (no host sync)."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def at_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10):
+    """Madry AT: one SGD step on CE(f(x_adv), y), x_adv = PGD-`steps` on CE."""
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="ce")
+    return natural_step(model, optimizer, x_adv, y)
+
+
+def trades_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, beta=6.0):
+    """TRADES: one SGD step on `trades_loss`, x_adv from the KL inner maximisation."""
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")
+    loss = trades_loss(model(x), model(x_adv), y, beta)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def make_optimizer(model, lr, weight_decay, momentum=0.9):
+    """SGD with momentum 0.9 on every trainable parameter (weight decay on all, as the papers)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                           momentum=momentum, weight_decay=weight_decay)
+
+
+def step_lr(base_lr, epoch, epochs, milestones=(0.5, 0.75)):
+    """Piecewise-constant schedule: lr / 10 after each milestone (fractions of the run).
+
+    (0.5, 0.75) of 200 epochs is epochs 100 and 150, the official CURE and Rice et al. schedule.
+    """
+    return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
+
+
+def train_epoch(model, optimizer, step, split, batch_size, lr, generator, progress=None):
+    """Run `step(model, optimizer, x, y)` over one shuffled, augmented epoch. Returns mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    total, count = None, 0
+    n_batches = max(1, len(split) // batch_size)
+    for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True)):
+        loss = step(model, optimizer, x, y)
+        total = loss if total is None else total + loss   # summed on the device: no sync per step
+        count += 1
+        if progress is not None:
+            progress(i + 1, n_batches)
+    return float(total) / max(count, 1) if total is not None else float("nan")
+
+
+# =============================================================================
+# 5. CURE: RGP update mask (Eq. 6 and Algorithm 1, line 20)
+# =============================================================================
+
+def check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile):
+    """Validate the arguments of `rgp_mask_` (shared with `kernels.fused_rgp_mask_`)."""
+    if not (len(grads) == len(grads_nat) == len(grads_adv)):
+        raise ValueError(f"grads, grads_nat and grads_adv must have the same length, "
+                         f"got {len(grads)}, {len(grads_nat)}, {len(grads_adv)}")
+    for i, (g, gn, ga) in enumerate(zip(grads, grads_nat, grads_adv)):
+        if not (g.shape == gn.shape == ga.shape):
+            raise ValueError(f"tensor {i}: shapes differ: grads {tuple(g.shape)}, "
+                             f"grads_nat {tuple(gn.shape)}, grads_adv {tuple(ga.shape)}")
+    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
+        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
+    if not (0.0 <= percentile <= 100.0):
+        raise ValueError(f"percentile={percentile!r} is outside the allowed range [0, 100]")
+
+
+def rgp_rank(n, percentile):
+    """k = floor(p * n / 100): how many entries of an n-element tensor the rule masks (spec, step 5)."""
+    return math.floor(percentile * n / 100)
+
+
+def rgp_coefficients(alpha):
+    """(a, b) = (float32(alpha), float32(1 - alpha)), the subtraction done in double (spec, step 4)."""
+    a = float(torch.tensor(alpha, dtype=torch.float32))
+    b = float(torch.tensor(1.0 - alpha, dtype=torch.float32))
+    return a, b
+
+
+def rgp_score(g_nat, g_adv, alpha):
+    """Eq. 6 per element: s = a * |g_nat| + b * |g_adv| in float32, each op rounded (no FMA)."""
+    a, b = rgp_coefficients(alpha)
+    return g_nat.float().abs().mul_(a).add_(g_adv.float().abs().mul_(b))
+
+
+def score_key(score):
+    """int32 order key of a non-negative float32 score; NaN maps above +inf (so it is never masked)."""
+    key = score.view(torch.int32)
+    return torch.where(torch.isnan(score), torch.full_like(key, 0x7FFFFFFF), key)
+
+
+@torch.no_grad()
+def rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
+    """RGP update mask (Eq. 6, Alg. 1 line 20): zero grads[i] where score < its rank-k score.
+
+    Per tensor with n elements: k = floor(p * n / 100); k = 0 masks nothing, k = n masks all;
+    otherwise t = the (k+1)-th smallest score (NaN largest) and every entry with score < t is
+    zeroed (strict: ties at t are kept). In place, no host synchronisation per tensor.
+    """
+    check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
+    for g, gn, ga in zip(grads, grads_nat, grads_adv):
+        n = g.numel()
+        k = rgp_rank(n, percentile)
+        if k == 0:
+            continue
+        if k == n:
+            g.zero_()
+            continue
+        key = score_key(rgp_score(gn, ga, alpha)).flatten()
+        threshold = key.kthvalue(k + 1).values        # 0-d device tensor: no .item(), no sync
+        g.masked_fill_((key < threshold).view(g.shape), 0)
+
+
+def consistency_loss(logits, logits_rev):
+    """KL(p_rev || p), batch mean; Eq. 8 is its sum over the natural and the adversarial batch."""
+    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(logits_rev, dim=1), reduction="batchmean")
+
+
+@dataclass(frozen=True)
+class CureConfig:
+    """CURE hyperparameters; defaults are Table 9 for ResNet-18 on CIFAR-10."""
+    percentile: float = 30.0   # p: share of each weight tensor's entries kept frozen per step (Table 9)
+    alpha: float = 0.1         # weight of the natural gradient in the RGP score, Eq. 6 (Table 9)
+    gamma: float = 1.0         # weight of the consistency loss L_CR, Eq. 8 (Table 9)
+    beta: float = 1.0          # weight of the KL term in L_adv, Eq. 5 (the paper writes it without one)
+    rate: float = 0.2          # revision rate r at the start, decayed linearly to r/10 (Table 9, Sec. 4)
+    decay: float = 0.999       # revision decay d for a 200-epoch run (Table 9); see `revision_decay`
+    exclude: tuple = ()        # masked-tensor names to leave unmasked (e.g. the classifier)
+
+
+CURE_DEFAULTS = {  # (model, dataset) -> (percentile, alpha, gamma), Table 9
+    ("resnet18", "cifar10"): (30, 0.1, 1.0),
+    ("resnet18", "cifar100"): (30, 0.1, 1.0),
+    ("resnet18", "svhn"): (30, 0.2, 1.0),
+    ("wrn34_10", "cifar10"): (50, 0.3, 0.5),
+    ("wrn34_10", "cifar100"): (50, 0.3, 0.5),
+    ("preact_resnet18", "cifar10"): (20, 0.2, 1.0),
+}
+
+
+def cure_defaults(model_name, dataset):
+    """Table 9's CureConfig for (model, dataset); datasets it does not list use CIFAR-10's row."""
+    key = (model_name, dataset if (model_name, dataset) in CURE_DEFAULTS else "cifar10")
+    p, a, g = CURE_DEFAULTS.get(key, CURE_DEFAULTS[("resnet18", "cifar10")])
+    return CureConfig(percentile=p, alpha=a, gamma=g)
+
+
+PAPER_STEPS = 200 * 391   # 200 epochs x 391 batches of 128 CIFAR images: the paper's CURE run
+
+
+def expected_revisions(rate, total_steps):
+    """Expected number of revision updates when r_t falls linearly from r to r/10: 0.55 * r * S."""
+    return 0.55 * rate * total_steps
+
+
+def revision_decay(decay, rate, total_steps):
+    """The decay d actually used: keep the horizon 1/(1 - d) at the paper's share of the updates.
+
+    The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
+    epochs. A short run makes far fewer revisions, so its horizon shrinks in proportion:
+    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, 1 - 1/H) (never larger than d, H >= 1).
+    """
+    share = (1.0 / (1.0 - decay)) / expected_revisions(rate, PAPER_STEPS)
+    horizon = max(1.0, share * expected_revisions(rate, total_steps))
+    return min(decay, 1.0 - 1.0 / horizon)
+
+
+class Revision:
+    """The revision model of Eq. 7: a stochastic momentum (EMA) copy of the training model."""
+
+    def __init__(self, model):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update_(self, model, decay, step):
+        """theta_rev <- d_t * theta_rev + (1 - d_t) * theta, d_t = min(d, 1 - 1/(step + 1)) (Eq. 7).
+
+        The min() is the mean-teacher warm-up: early updates move the copy quickly, so it does not
+        sit at its initial weights. Floating-point buffers (BatchNorm statistics) are averaged too;
+        integer buffers are copied.
+        """
+        d = min(decay, 1.0 - 1.0 / (step + 1))
+        rev, cur = self.model.state_dict(), model.state_dict()
+        floats = [k for k, v in rev.items() if v.is_floating_point()]
+        torch._foreach_mul_([rev[k] for k in floats], d)
+        torch._foreach_add_([rev[k] for k in floats], [cur[k] for k in floats], alpha=1.0 - d)
+        for k, v in rev.items():
+            if not v.is_floating_point():
+                v.copy_(cur[k])
+        self.updates += 1
+
+    def maybe_update_(self, model, decay, rate, step, generator):
+        """With probability `rate` apply Eq. 7 (the draw is on the host: no device sync)."""
+        if torch.rand((), generator=generator).item() < rate:
+            self.update_(model, decay, step)
+
+
+def revision_rate(rate, progress):
+    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1)."""
+    return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
+
+
+def rgp_mask_for(device):
+    """The RGP mask to use on `device`: the fused Triton kernels on CUDA, `rgp_mask_` elsewhere."""
+    if torch.device(device).type == "cuda":
+        try:
+            import kernels
+            return kernels.fused_rgp_mask_
+        except ImportError:  # kernels.py or triton missing: the plain path gives the same mask
+            pass
+    return rgp_mask_
+
+
+def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
+    """The three gradients of one CURE step from one forward graph, with three backward passes.
+
+    Returns (g, g_nat, g_adv) per parameter: g = dL/dtheta with L = L_adv + gamma * L_CR
+    (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta and g_adv = dCE(f(x_adv), y)/dtheta (Eq. 6).
+    Since L = CE(f(x), y) + rest, g = g_nat + d(rest)/dtheta: no fourth pass for L itself.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_nat, logits_adv = model(x), model(x_adv)
+    ce_nat, ce_adv = F.cross_entropy(logits_nat, y), F.cross_entropy(logits_adv, y)
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
+    rest = cfg.beta * kl + cfg.gamma * l_cr
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    g_adv = torch.autograd.grad(ce_adv, params, retain_graph=True)
+    g_rest = torch.autograd.grad(rest, params)
+    g = torch._foreach_add(g_nat, g_rest)
+    return g, g_nat, g_adv, (ce_nat + rest).detach()
+
+
+def cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generator,
+              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None):
+    """One CURE step (Algorithm 1): attack, three gradients, RGP mask, SGD step, revision.
+
+    `decay` is the d actually used (see `revision_decay`), `rate` the current r_t, `step` the
+    global step count (for the mean-teacher warm-up). If `updated` (a dict) is given, the number
+    of updated entries per masked tensor is added to it on the device (Figure 6b).
+    Returns the detached loss L.
+    """
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                         # Eq. 4
+    with torch.no_grad():
+        rev_nat, rev_adv = revision.model(x), revision.model(x_adv)                    # eval mode
+    g, g_nat, g_adv, loss = cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    index = {id(p): i for i, p in enumerate(params)}
+    sel = [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
+    (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel], [g_adv[i] for _, i in sel],
+                           cfg.alpha, cfg.percentile)                                  # Eq. 6, Alg. 1 l. 20
+    if updated is not None:
+        with torch.no_grad():
+            for name, i in sel:
+                updated[name] = updated.get(name, 0) + (g[i] != 0).sum()
+    for p, gi in zip(params, g):
+        p.grad = gi
+    optimizer.step()
+    revision.maybe_update_(model, decay, rate, step, generator)                        # Eq. 7
+    return loss
+
+
+# =============================================================================
+# 7. Evaluation: clean, PGD-20, PGD-100, CW-inf, AutoAttack; NRR (Eq. 9); checkpoints
+# =============================================================================
+
+EVAL_ATTACKS = {  # name -> PGD arguments (spec: step 2/255, random start; CW = PGD on the margin)
+    "pgd10": dict(steps=10, loss="ce"),
+    "pgd20": dict(steps=20, loss="ce"),
+    "pgd100": dict(steps=100, loss="ce"),
+    "cw": dict(steps=20, loss="cw"),
+}
+
+
+def autoattack_available():
+    """True when the official `autoattack` package (or PyPI's `pyautoattack`) can be imported."""
+    for name in ("autoattack", "pyautoattack"):
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            pass
+    return False
+
+
+def autoattack_correct(model, x, y, eps, batch_size):
+    """Per-example correctness under AutoAttack (standard, L-inf)."""
+    try:
+        from autoattack import AutoAttack
+    except ImportError:
+        from pyautoattack import AutoAttack
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False)
+    x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+def check_adversarial(x_adv, x, eps):
+    """RobustBench's sanity checks: inside the eps-ball (with float slack), in [0, 1], no NaN."""
+    assert not torch.isnan(x_adv).any(), "adversarial examples contain NaN"
+    assert (x_adv - x).abs().max() <= eps + 1e-6, "adversarial examples leave the eps-ball"
+    assert x_adv.min() >= 0 and x_adv.max() <= 1, "adversarial examples leave [0, 1]"
+
+
+def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, batch_size=256,
+             autoattack=False, progress=None):
+    """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
+    worst case over every attack run. `attacks` are names from EVAL_ATTACKS. Also returns "n"."""
+    unknown = [a for a in attacks if a not in EVAL_ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(EVAL_ATTACKS)}")
+    was_training = model.training
+    model.eval()
+    correct = {name: [] for name in ("clean", *attacks)}
+    n_batches = math.ceil(len(split) / batch_size)
+    for i, (x, y) in enumerate(batches(split, batch_size)):
+        with torch.no_grad():
+            correct["clean"].append(model(x).argmax(1) == y)
+        for name in attacks:
+            x_adv = pgd(model, x, y, eps, step_size, **EVAL_ATTACKS[name])
+            check_adversarial(x_adv, x, eps)
+            with torch.no_grad():
+                correct[name].append(model(x_adv).argmax(1) == y)
+        if progress is not None:
+            progress(i + 1, n_batches)
+    if autoattack:
+        x_all, y_all = next(batches(split, len(split)))
+        correct["autoattack"] = [autoattack_correct(model, x_all, y_all, eps, batch_size)]
+    model.train(was_training)
+    per_example = {k: torch.cat(v) for k, v in correct.items()}
+    result = {"n": len(split)}
+    result.update({k: 100.0 * v.float().mean().item() for k, v in per_example.items()})
+    adversarial = [v for k, v in per_example.items() if k != "clean"]
+    if adversarial:
+        result["robust"] = 100.0 * torch.stack(adversarial).all(0).float().mean().item()
+    return result
+
+
+def nrr(nat, rob):
+    """Natural-Robustness Ratio (Eq. 9): the harmonic mean 2 * Nat * Rob / (Nat + Rob)."""
+    return 0.0 if nat + rob == 0 else 2.0 * nat * rob / (nat + rob)
+
+
+def rng_state():
+    """Every random number generator's state, for exact `--resume`."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """torch.save to `path` atomically: write a temporary file, then rename it over the old one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)   # atomic on POSIX: a killed run leaves the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_state_dict_checked(model, state_dict, source="checkpoint"):
+    """Load weights, turning an architecture mismatch into a one-line ValueError."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else
+                  f"unexpected {unexpected[:3]}" if unexpected else
+                  f"shape of {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
+        raise ValueError(f"{source} does not fit this model ({detail}); check --model and --width")
+    model.load_state_dict(state_dict)
