@@ -709,6 +709,538 @@ def cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generato
 
 
 # =============================================================================
+# 6. RiFT: module robust criticality (Def. 3.1, Alg. 1), one-module fine-tuning, interpolation, OOD
+# =============================================================================
+
+RIFT_ALPHAS = tuple(i / 10 for i in range(11))   # {0, 0.1, ..., 1} (Sec. 3.3); i / 10 is exact, 0.1 * i is not
+
+
+def rift_modules(model):
+    """Qualified names of the modules RiFT ranks and fine-tunes: every nn.Conv2d and nn.Linear."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def rift_module(model, name):
+    """The Conv2d/Linear module called exactly `name`; a ValueError lists the valid names."""
+    valid = rift_modules(model)
+    if name not in valid:
+        raise ValueError(f"unknown module {name!r}; RiFT modules (Conv2d/Linear) are {valid}")
+    return dict(model.named_modules())[name]
+
+
+def robust_loss(model, x_adv, y, batch_size=512):
+    """L_rob = (1/N) sum_i CE(f(x_adv_i), y_i) over the fixed adversarial set (Def. 3.1)."""
+    total = torch.zeros((), dtype=torch.float64, device=y.device)
+    with torch.no_grad():
+        for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size)):
+            total += F.cross_entropy(model(xb).float(), yb, reduction="sum").double()
+    return (total / len(y)).item()
+
+
+def robust_loss_grad(model, weight, x_adv, y, batch_size=512):
+    """dL_rob/dw for one weight tensor, summed over batches (the full-set gradient, not a batch's)."""
+    grad = torch.zeros_like(weight)
+    with torch.enable_grad():
+        for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size)):
+            loss = F.cross_entropy(model(xb).float(), yb, reduction="sum") / len(y)
+            grad += torch.autograd.grad(loss, [weight])[0]      # never touches parameter .grad
+    return grad
+
+
+def _set_weight(weight, w0, dw):
+    """w <- w0 + dw in place, outside autograd."""
+    with torch.no_grad():
+        weight.copy_(w0 + dw)
+
+
+def _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size):
+    """Alg. 1: at most T ascent steps on dw; once ||dw|| > radius, project onto the ball and stop.
+
+    lr=None takes normalised steps dw += (2 * radius / T) * g / ||g||: the same relative size for
+    every module whatever its gradient scale, reaching the boundary (where the maximum of a locally
+    linear or convex loss lies) after about T/2 aligned steps, so the projection is taken for real
+    and the remaining steps are slack for curvature. A number takes plain steps dw += lr * g.
+    """
+    dw = torch.zeros_like(w0)
+    step = 2.0 * radius / steps
+    for _ in range(steps):
+        _set_weight(weight, w0, dw)
+        g = robust_loss_grad(model, weight, x_adv, y, batch_size)
+        if lr is None:
+            g_norm = torch.linalg.vector_norm(g)
+            if g_norm == 0:          # L_rob does not depend on w here: no ascent direction
+                break
+            dw = dw + (step / g_norm) * g
+        else:
+            dw = dw + lr * g
+        norm = torch.linalg.vector_norm(dw)
+        if norm > radius:
+            dw = dw * (radius / norm)
+            break
+    return dw
+
+
+def _official_ascent(model, weight, w0, radius, x_adv, y, epochs, lr, batch_size, generator):
+    """Official code: `epochs` passes of plain SGD ascent (lr 1, shuffled batches of 512), a
+    projection once per pass, and the largest full-set L_rob seen after a pass. Returns (L, dw)."""
+    dw, best, best_dw = torch.zeros_like(w0), -math.inf, torch.zeros_like(w0)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator).to(y.device)
+        for idx in order.split(batch_size):
+            _set_weight(weight, w0, dw)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x_adv[idx]).float(), y[idx])        # batch mean, as SGD
+                dw = dw + lr * torch.autograd.grad(loss, [weight])[0]
+        norm = torch.linalg.vector_norm(dw)
+        if norm > radius:
+            dw = dw * (radius / norm)
+        _set_weight(weight, w0, dw)
+        loss = robust_loss(model, x_adv, y, batch_size)
+        if loss > best:
+            best, best_dw = loss, dw
+    return best, best_dw
+
+
+def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
+                     generator=None, base_loss=None):
+    """MRC(M) = max_{||dw||_2 <= eps ||w||_2} L_rob(w + dw) - L_rob(w) (Def. 3.1), by Alg. 1.
+
+    Returns (mrc, dw) with mrc = L_rob(w + dw) - L_rob(w) for the dw found. variant "paper": see
+    `_paper_ascent`; "official": see `_official_ascent` (lr None = 1.0, `steps` = passes, batches of
+    `batch_size`, shuffled with `generator`). The model runs in eval mode (BatchNorm uses and keeps
+    its running statistics); only the module's weight moves and is restored bit for bit afterwards.
+    `base_loss` is L_rob(w) when already known (it is the same for every module).
+    """
+    if variant not in ("paper", "official"):
+        raise ValueError(f"unknown MRC variant {variant!r}; choose one of ['paper', 'official']")
+    if not (eps >= 0 and steps >= 1):
+        raise ValueError(f"eps={eps!r} must be >= 0 and steps={steps!r} >= 1")
+    weight = rift_module(model, name).weight
+    w0 = weight.detach().clone()
+    radius = eps * torch.linalg.vector_norm(w0).item()
+    was_training, needed_grad = model.training, weight.requires_grad
+    model.eval()
+    weight.requires_grad_(True)
+    try:
+        if base_loss is None:
+            base_loss = robust_loss(model, x_adv, y, batch_size)
+        if variant == "paper":
+            dw = _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size)
+            _set_weight(weight, w0, dw)
+            final = robust_loss(model, x_adv, y, batch_size)
+        else:
+            lr = 1.0 if lr is None else lr           # official: torch.optim.SGD(lr=1) on -CE
+            final, dw = _official_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size, generator)
+    finally:
+        with torch.no_grad():
+            weight.copy_(w0)                         # the exact saved tensor: bit-identical restore
+        weight.requires_grad_(needed_grad)
+        model.train(was_training)
+    return final - base_loss, dw
+
+
+def module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
+                              modules=None, progress=None, generator=None):
+    """MRC (Def. 3.1) of every Conv2d/Linear module (or of `modules`), on fixed (x_adv, y).
+
+    eps = 0.1 and T = 10 steps (spec); batch_size 512 is the official MRC loader's. x_adv is made
+    once by the caller (PGD-10, CE, on training images). Returns {qualified name: MRC}; the model's
+    state is unchanged and no .grad is left. `progress(i, n)` is called after each module.
+    """
+    valid = rift_modules(model)
+    names = valid if modules is None else list(modules)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown module(s) {unknown}; RiFT modules (Conv2d/Linear) are {valid}")
+    was_training = model.training
+    model.eval()
+    try:
+        base = robust_loss(model, x_adv, y, batch_size)
+        mrc = {}
+        for i, name in enumerate(names):
+            mrc[name] = mrc_perturbation(model, name, x_adv, y, eps, steps, lr, variant, batch_size,
+                                         generator, base_loss=base)[0]
+            if progress is not None:
+                progress(i + 1, len(names))
+    finally:
+        model.train(was_training)
+    return mrc
+
+
+def non_robust_critical_module(mrc):
+    """The non-robust-critical module: the one with the lowest MRC (Sec. 3.2); ties go to the first."""
+    if not mrc:
+        raise ValueError("empty MRC table")
+    return min(mrc, key=mrc.get)
+
+
+def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, batch_size=128, generator=None,
+                    progress=None):
+    """RiFT step 2: fine-tune only module `name` on clean training data; returns per-epoch mean loss.
+
+    SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 / 10 from epoch epochs // 2 on (spec; the
+    official MultiStepLR([epochs // 2])). Every other parameter is frozen and the model stays in
+    eval mode, so no BatchNorm statistic moves (the official code fine-tunes in train mode):
+    afterwards only the module's own tensors differ. requires_grad flags and mode are restored,
+    no .grad is left. `progress(i, n)` counts batches over the whole run.
+    """
+    own = {id(p) for p in rift_module(model, name).parameters()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    milestones = ((epochs // 2) / epochs,) if epochs >= 2 else ()   # a 1-epoch run keeps lr
+    per_epoch = max(1, len(split) // batch_size)                     # `batches(train=True)` drops the tail
+    losses = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in own)
+        model.eval()
+        optimizer = make_optimizer(model, lr, weight_decay)
+        for epoch in range(epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr(lr, epoch, epochs, milestones)
+            total, count = None, 0
+            for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True)):
+                loss = natural_step(model, optimizer, x, y)
+                total = loss if total is None else total + loss      # on the device: no sync per step
+                count += 1
+                if progress is not None:
+                    progress(epoch * per_epoch + i + 1, epochs * per_epoch)
+            losses.append(float(total) / count if count else float("nan"))
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return losses
+
+
+def interpolate(state_a, state_b, alpha):
+    """theta(alpha) = (1 - alpha) * theta_a + alpha * theta_b for floating entries (Sec. 3.3).
+
+    Other entries (BatchNorm's num_batches_tracked) are copied from state_a. alpha = 0 and 1
+    return copies of the endpoints exactly (the formula alone would give nan for inf entries).
+    """
+    if not (0.0 <= alpha <= 1.0):   # also rejects NaN
+        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
+    if state_a.keys() != state_b.keys():
+        raise ValueError(f"state dicts differ in keys: {sorted(set(state_a) ^ set(state_b))[:3]}")
+    out = {}
+    for k, a in state_a.items():
+        b = state_b[k]
+        if not a.is_floating_point() or alpha == 0:
+            out[k] = a.detach().clone()
+        elif alpha == 1:
+            out[k] = b.detach().clone()
+        else:
+            out[k] = (1 - alpha) * a.detach() + alpha * b.detach()
+    return out
+
+
+SELECT_SLACK = 1e-6   # points: absorbs float32 rounding in accuracies (1 of 1,000 examples is exactly 0.1)
+
+
+def select_alpha(table, tolerance=0.1):
+    """The paper's rule (Sec. 3.3): largest clean-accuracy gain over alpha = 0 whose robust accuracy
+    drops by at most `tolerance` points; 0.0 when no alpha gains. Rows: {"alpha", "clean", "robust"}
+    in percent. Ties in clean accuracy go to the higher robust accuracy, then the smaller alpha
+    (the one nearer the adversarially trained weights)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance!r} must be >= 0")
+    start = [r for r in table if r["alpha"] == 0]
+    if not start:
+        raise ValueError("the table needs the alpha = 0 row (the adversarially trained start)")
+    clean0, robust0 = start[0]["clean"], start[0]["robust"]
+    allowed = [r for r in table
+               if r["clean"] > clean0 and r["robust"] >= robust0 - tolerance - SELECT_SLACK]
+    if not allowed:
+        return 0.0
+    best = max(allowed, key=lambda r: (r["clean"], r["robust"], -r["alpha"]))
+    return float(best["alpha"])
+
+
+# --- OOD: CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019), made in torch -------------------
+# Severity parameters are those of the CIFAR-10-C generator, hendrycks/robustness
+# ImageNet-C/create_c/make_cifar_c.py, severities 1..5. Images are float (B, 3, H, W) in [0, 1].
+
+CORRUPTION_PARAMS = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),    # std of the added N(0, c^2)
+    "shot_noise": (500, 250, 100, 75, 50),                # photons per unit intensity: Poisson(x c) / c
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),      # share of values set to 0 or 1 (salt and pepper)
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),      # std of the multiplicative x + x N(0, c^2)
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)),  # (disk radius, alias sigma), px
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),           # sigma, px
+    "fog": ((0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)),          # (haze, fractal decay)
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),            # added to the HSV value
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),              # factor on the distance from the channel mean
+    "saturate": ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)),       # HSV S -> S a + b
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),            # size factor of the box down- and up-scale
+    "jpeg_compression": (80, 65, 58, 50, 40),             # JPEG quality
+}
+# The 9 of CIFAR-10-C's 15 test corruptions made here (noise, blur, weather, digital); the other six
+# (glass, motion, zoom blur; snow, frost; elastic) need ImageMagick or image files. The extras are
+# three of CIFAR-10-C's four held-out validation corruptions.
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "fog", "brightness",
+               "contrast", "pixelate", "jpeg_compression")
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "saturate")
+
+
+def _rand(shape, generator, device, normal=False):
+    """Uniform [0, 1) or N(0, 1) numbers drawn on the generator's own device, then moved to `device`:
+    a CPU generator gives the same corruption on CPU and GPU."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=where).to(device)
+
+
+def _gaussian_noise(x, c, g):
+    return x + c * _rand(x.shape, g, x.device, normal=True)
+
+
+def _shot_noise(x, c, g):
+    where = g.device if g is not None else torch.device("cpu")
+    return torch.poisson((x * c).to(where), generator=g).to(x.device) / c
+
+
+def _impulse_noise(x, c, g):
+    """skimage random_noise(mode="s&p"): each value is hit with probability c, then salt or pepper 50/50."""
+    hit, salt = _rand(x.shape, g, x.device) < c, _rand(x.shape, g, x.device) < 0.5
+    return torch.where(hit, salt.to(x.dtype), x)
+
+
+def _speckle_noise(x, c, g):
+    return x + x * c * _rand(x.shape, g, x.device, normal=True)
+
+
+def _filter(x, kernel, pad_mode):
+    """Per-channel 2-D correlation of x (B, C, H, W) with a square odd kernel (k, k), same size out."""
+    p, ch = kernel.shape[-1] // 2, x.shape[1]
+    weight = kernel.to(x.device, x.dtype).expand(ch, 1, *kernel.shape)
+    return F.conv2d(F.pad(x, (p, p, p, p), mode=pad_mode), weight, groups=ch)
+
+
+def _gaussian_1d(sigma, radius):
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def defocus_kernel(radius, alias_sigma):
+    """make_cifar_c's `disk`: pixels with x^2 + y^2 <= r^2, normalised, then a 3x3 Gaussian of
+    `alias_sigma` (cv2.GaussianBlur) against aliasing. Cropped to its support (2 floor(r) + 3)^2."""
+    s = int(radius) + 1
+    t = torch.arange(-s, s + 1, dtype=torch.float64)
+    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).double()
+    disk /= disk.sum()
+    g = _gaussian_1d(alias_sigma, 1)
+    return F.conv2d(disk[None, None], (g[:, None] * g[None, :])[None, None], padding=1)[0, 0].float()
+
+
+def _defocus_blur(x, c, g):
+    return _filter(x, defocus_kernel(*c), "reflect")      # cv2.filter2D's default border is reflect-101
+
+
+def _gaussian_blur(x, c, g):
+    """skimage.filters.gaussian: truncate 4 sigma, 'nearest' border; separable."""
+    k = _gaussian_1d(c, int(4.0 * c + 0.5)).float()
+    return _filter(x, k[:, None] * k[None, :], "replicate")
+
+
+def plasma_fractal(batch, size, decay, generator=None, device="cpu"):
+    """Diamond-square height maps (B, size, size) in [0, 1], size a power of two (make_cifar_c's
+    `plasma_fractal`): midpoints are the mean of 4 neighbours (wrapping) plus uniform noise of
+    amplitude w^2, w = 100 divided by `decay` per level (larger decay = smoother haze)."""
+    m = torch.zeros(batch, size, size, dtype=torch.float64)
+    step, wibble = size, 100.0
+
+    def noisy_mean(total):
+        return total / 4 + wibble * wibble * (2 * _rand(total.shape, generator, "cpu").double() - 1)
+
+    while step >= 2:
+        half = step // 2
+        corners = m[:, ::step, ::step]
+        square = corners + corners.roll(-1, 1)
+        m[:, half::step, half::step] = noisy_mean(square + square.roll(-1, 2))          # square centres
+        centres = m[:, half::step, half::step]
+        m[:, ::step, half::step] = noisy_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
+        m[:, half::step, ::step] = noisy_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        step, wibble = half, wibble / decay
+    m -= m.amin((1, 2), keepdim=True)
+    return (m / m.amax((1, 2), keepdim=True)).float().to(device)
+
+
+def _fog(x, c, g):
+    strength, decay = c
+    b, _, h, w = x.shape
+    size = 2 ** math.ceil(math.log2(max(h, w, 2)))           # diamond-square needs a power of two
+    haze = plasma_fractal(b, size, decay, g, x.device)[:, None, :h, :w]
+    peak = x.amax((1, 2, 3), keepdim=True)                    # per image, before the haze
+    return (x + strength * haze) * peak / (peak + strength)
+
+
+def _brightness(x, c, g):
+    """HSV V -> clip(V + c): at fixed hue and saturation RGB scales with V, so rgb * V'/V (black
+    pixels, S = 0, become grey V')."""
+    v = x.amax(1, keepdim=True)
+    v_new = (v + c).clamp(0, 1)
+    return torch.where(v > 0, x * (v_new / v.clamp_min(1e-12)), v_new.expand_as(x))
+
+
+def _saturate(x, c, g):
+    """HSV S -> clip(S a + b) at fixed H, V: RGB = V - (S'/S) (V - rgb); a grey pixel (S = 0) has
+    hue 0 in skimage, so it turns red: (V, V (1 - S'), V (1 - S'))."""
+    a, b = c
+    v, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    delta = v - lo
+    s = torch.where(v > 0, delta / v.clamp_min(1e-12), torch.zeros_like(v))
+    s_new = (s * a + b).clamp(0, 1)
+    colour = v - (s_new * v / delta.clamp_min(1e-12)) * (v - x)      # S'/S = S' V / delta
+    grey = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], dim=1)
+    return torch.where(delta > 0, colour, grey)
+
+
+def _contrast(x, c, g):
+    mean = x.mean((2, 3), keepdim=True)                       # per image and channel
+    return (x - mean) * c + mean
+
+
+def box_resize_matrix(n_in, n_out):
+    """PIL's Image.BOX resampling n_in -> n_out as an (n_out, n_in) matrix: output pixel j averages,
+    with equal weights, the input pixels whose centres fall in its footprint (Pillow Resample.c)."""
+    scale = n_in / n_out
+    support = 0.5 * max(scale, 1.0)
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for j in range(n_out):
+        centre = (j + 0.5) * scale
+        for i in range(max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)):
+            t = (i - centre + 0.5) / max(scale, 1.0)
+            a[j, i] = 1.0 if -0.5 < t <= 0.5 else 0.0
+    return a / a.sum(1, keepdim=True)
+
+
+def _pixelate(x, c, g):
+    h, w = x.shape[-2:]
+    sh, sw = max(int(h * c), 1), max(int(w * c), 1)
+    rows = (box_resize_matrix(sh, h) @ box_resize_matrix(h, sh)).to(x.device, x.dtype)     # (H, H)
+    cols = (box_resize_matrix(sw, w) @ box_resize_matrix(w, sw)).to(x.device, x.dtype)     # (W, W)
+    return rows @ x @ cols.T
+
+
+def _jpeg_compression(x, c, g):
+    """Save and reload every image as a quality-c JPEG with PIL, as make_cifar_c does (uint8, on the
+    host; torchvision's encode_jpeg gives the same bytes but is deprecated since 0.29)."""
+    import io
+    from PIL import Image
+    decoded = []
+    for img in (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():  # (H, W, 3)
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, "JPEG", quality=int(c))
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
+
+
+_CORRUPTION_FNS = {
+    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
+    "speckle_noise": _speckle_noise, "defocus_blur": _defocus_blur, "gaussian_blur": _gaussian_blur,
+    "fog": _fog, "brightness": _brightness, "contrast": _contrast, "saturate": _saturate,
+    "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
+}
+
+
+def corrupt(x, name, severity, generator=None):
+    """CIFAR-10-C corruption `name` at severity 1..5 of float images (B, 3, H, W) in [0, 1], on x's
+    device, clipped to [0, 1]. Random draws come from `generator` (on its own device)."""
+    if name not in _CORRUPTION_FNS:
+        raise ValueError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+    if severity not in (1, 2, 3, 4, 5) or isinstance(severity, bool):
+        raise ValueError(f"severity={severity!r} must be an integer in 1..5")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(x.shape)}")
+    c = CORRUPTION_PARAMS[name][int(severity) - 1]
+    return _CORRUPTION_FNS[name](x, c, generator).clamp_(0, 1)
+
+
+def corruption_generator(seed, name, severity):
+    """The generator for one (corruption, severity): every model sees the same corrupted images, and
+    one corruption's images do not depend on which others ran."""
+    index = (CORRUPTIONS + EXTRA_CORRUPTIONS).index(name)
+    return torch.Generator().manual_seed(seed * 1000 + 10 * index + severity)
+
+
+def corrupt_split(split, name, severity, batch_size=256, generator=None):
+    """A Split of corrupted images, rounded to uint8 like the CIFAR-10-C files (which truncate)."""
+    out = []
+    for x, _ in batches(split, batch_size):
+        out.append(corrupt(x, name, severity, generator).mul_(255).round_().to(torch.uint8))
+    return Split(torch.cat(out), split.y)
+
+
+def corruption_accuracy(model, split, names=CORRUPTIONS, severities=(1, 2, 3, 4, 5), batch_size=256, seed=0,
+                        cifar10c=None):
+    """Clean accuracy (percent) under each corruption, the mean over severities, and "mean" over
+    the corruptions; "n" is the number of images behind each corruption's accuracy.
+
+    Without `cifar10c`, the corruptions of `split` are generated (seeded by `seed`, see
+    `corruption_generator`). With `cifar10c` (from `load_cifar10c`), its Splits are evaluated
+    instead, moved to `split`'s device; their severities are those loaded, equal counts each.
+    """
+    names = list(names)
+    result = {}
+    if cifar10c is None:
+        unknown = [n for n in names if n not in _CORRUPTION_FNS]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown}; choose from {list(_CORRUPTION_FNS)}")
+        for name in names:
+            accs = [evaluate(model, corrupt_split(split, name, s, batch_size, corruption_generator(seed, name, s)),
+                             attacks=(), batch_size=batch_size)["clean"] for s in severities]
+            result[name] = sum(accs) / len(accs)
+        n = len(split) * len(severities)
+    else:
+        missing = [n for n in names if n not in cifar10c]
+        if missing:
+            raise ValueError(f"corruption(s) {missing} not loaded; cifar10c holds {sorted(cifar10c)}")
+        for name in names:
+            result[name] = evaluate(model, cifar10c[name].to(split.x.device), attacks=(),
+                                    batch_size=batch_size)["clean"]
+        n = min(len(cifar10c[name]) for name in names)
+    result["mean"] = sum(result[name] for name in names) / len(names)
+    result["n"] = n
+    return result
+
+
+def load_cifar10c(directory, names, severities=(1, 2, 3, 4, 5), num=None):
+    """Read CIFAR-10-C (Hendrycks & Dietterich, zenodo.org/record/2535967) into {name: Split}.
+
+    `<name>.npy` is (50000, 32, 32, 3) uint8, 10,000 images per severity in order 1..5, labelled by
+    `labels.npy`. Each Split holds the first `num` images (all if None) of each requested severity,
+    in the order given. Files are memory-mapped, so only the chosen rows are read.
+    """
+    if any(s not in (1, 2, 3, 4, 5) for s in severities):
+        raise ValueError(f"severities={tuple(severities)!r} must be in 1..5")
+    if num is not None and num < 1:
+        raise ValueError(f"num={num!r} must be >= 1 (or None for all)")
+
+    def path_of(stem):
+        path = os.path.join(directory, f"{stem}.npy")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CIFAR-10-C file {path!r} not found; download CIFAR-10-C "
+                                    f"(zenodo.org/record/2535967) and pass its folder")
+        return path
+
+    labels = np.load(path_of("labels"))
+    out = {}
+    for name in names:
+        images = np.load(path_of(name), mmap_mode="r")
+        if len(images) != len(labels) or len(images) % 5:
+            raise ValueError(f"{path_of(name)!r} has {len(images)} images for {len(labels)} labels; "
+                             f"expected 5 equal severity blocks")
+        per = len(images) // 5
+        take = per if num is None else min(num, per)
+        index = np.concatenate([np.arange(take) + (s - 1) * per for s in severities])
+        out[name] = _to_split(np.asarray(images[index]), labels[index])
+    return out
+
+
+# =============================================================================
 # 7. Evaluation: clean, PGD-20, PGD-100, CW-inf, AutoAttack; NRR (Eq. 9); checkpoints
 # =============================================================================
 

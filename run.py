@@ -2,7 +2,7 @@
 
     python run.py METHOD DATASET [options]
 
-METHOD:  natural | at | trades | cure | rift | eval | bench
+METHOD:  natural | at | trades | cure | rift | eval | bench | compare
 DATASET: cifar10 | cifar100 | svhn | folder | synthetic   (for bench: step | mask)
 
 Examples:
@@ -28,8 +28,9 @@ import torch
 
 import robust_ft as rf
 
-METHODS = ("natural", "at", "trades", "cure", "rift", "eval", "bench")
+METHODS = ("natural", "at", "trades", "cure", "rift", "eval", "bench", "compare")
 BENCHES = ("step", "mask")
+COMPARE_METHODS = ("at", "trades", "cure")
 
 # Presets: `paper` is the papers' setting; `quick` is the same pipeline sized for a 2-core CPU.
 PRESETS = {
@@ -44,16 +45,21 @@ PRESETS = {
         epoch_eval_size=1000,          # per-epoch clean/PGD-20 on this many validation images
         attack_steps=10,               # training attack: PGD-10, step eps/4 (spec)
         attacks="pgd20,pgd100,cw",     # final evaluation (+ AutoAttack when installed)
+        rift_epochs=10,                # RiFT fine-tuning: 10 epochs, lr 1e-3 (/10 after 5)
+        mrc_size=1000,                 # adversarial training examples for MRC
     ),
     "quick": dict(
-        model="resnet18", width=16, epochs=5, natural_epochs=5, batch_size=128, lr=0.1,
-        train_size=10000, val_size=500, test_size=1000, epoch_eval_size=500,
+        model="resnet18", width=16, epochs=5,
+        natural_epochs=15,             # natural training is cheap: give CURE a reasonable start
+        batch_size=128, lr=0.1,
+        train_size=5000, val_size=500, test_size=1000, epoch_eval_size=500,
         attack_steps=5,                # PGD-5 (step 2/255) training attack to fit the CPU budget
-        attacks="pgd20,cw",
+        attacks="pgd20,cw", rift_epochs=4, mrc_size=256,
     ),
 }
-SYNTHETIC_QUICK = dict(width=8, epochs=3, natural_epochs=3, train_size=1000, val_size=200,
-                       test_size=200, epoch_eval_size=100)  # synthetic + quick: under a minute here
+SYNTHETIC_QUICK = dict(  # synthetic + quick: about a minute on a 2-core CPU
+    width=8, epochs=3, natural_epochs=3, batch_size=32, train_size=800, val_size=200,
+    test_size=100, epoch_eval_size=64, attack_steps=3, rift_epochs=2, mrc_size=64)
 WEIGHT_DECAY = {  # per method, from each method's paper / official code
     "natural": 5e-4, "at": 5e-4,       # Rice et al. 2020
     "trades": 2e-4,                    # TRADES official code
@@ -112,6 +118,11 @@ def parse_args(argv):
     p.add_argument("--mrc-variant", default="paper", help="RiFT: paper | official")
     p.add_argument("--tolerance", type=float, default=0.1, help="RiFT: allowed robust drop (points)")
     p.add_argument("--cifar10c", help="RiFT: directory of the CIFAR-10-C .npy files")
+    p.add_argument("--rift-epochs", type=int, help="RiFT: fine-tuning epochs (paper: 10)")
+    p.add_argument("--mrc-size", type=int, help="RiFT: training images whose adversarial examples define L_rob")
+    # compare
+    p.add_argument("--methods", default=",".join(COMPARE_METHODS), help="compare: methods to train")
+    p.add_argument("--rift", action="store_true", help="compare: apply RiFT to each method's result")
     # bench
     p.add_argument("--reps", type=int, default=10, help="bench: timed repetitions")
     return p.parse_args(argv)
@@ -127,9 +138,12 @@ def resolve(args):
                          f"{args.dataset!r}; choose one of {list(allowed)}")
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; choose one of {list(PRESETS)}")
+    args.batch_size_given, args.lr_given = args.batch_size is not None, args.lr is not None
     preset = dict(PRESETS[args.preset])
     if args.preset == "quick" and args.dataset == "synthetic":
         preset.update(SYNTHETIC_QUICK)
+    if args.method == "natural" and args.epochs is None:
+        args.epochs = args.natural_epochs or preset["natural_epochs"]   # one length for natural training
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -153,6 +167,7 @@ def resolve(args):
     elif args.autoattack and not rf.autoattack_available():
         raise UsageError("--autoattack needs the `autoattack` package: pip install "
                          "git+https://github.com/fra31/auto-attack (or `pip install pyautoattack`)")
+    args.weight_decay_given, args.beta_given = args.weight_decay, args.beta   # compare's stages need them
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY.get(args.method, 5e-4)
     if args.beta is None:
@@ -160,7 +175,8 @@ def resolve(args):
     if args.mrc_variant not in ("paper", "official"):
         raise UsageError(f"unknown --mrc-variant {args.mrc_variant!r}; choose one of ['paper', 'official']")
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}_{args.dataset}_{args.model}")
+        args.out = os.path.join("runs", f"{args.method}_{args.dataset}" +
+                                ("" if args.method == "bench" else f"_{args.model}"))
     args.eps_px = args.eps / 255          # divided by 255 once, here
     args.step_px = args.eps_px / 4        # training attack step eps/4 (spec)
     return args
@@ -194,9 +210,17 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def versions():
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()}
 
 
 def finish(args, metrics):
@@ -286,6 +310,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise UsageError(f"{out!r} already holds a run; pass --resume to continue it or choose another --out")
+    write_json(os.path.join(out, "config.json"), config_record(args, method))
     torch.manual_seed(args.seed)
     model = init_model if init_model is not None else setup_model(args, data)
     epochs = args.epochs if method != "natural" or args.method == "natural" else args.natural_epochs
@@ -344,7 +369,8 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
                                              for n, c in cure_state["updated"].items()}
         record["log"].append(entry)
         record["epoch_seconds"].append(seconds)
-        if record["best"] is None or entry["val"]["pgd20"] >= record["best"]["val"]["pgd20"]:
+        key = "clean" if method == "natural" else "pgd20"   # selection metric on the validation split
+        if record["best"] is None or entry["val"][key] >= record["best"]["val"][key]:
             record["best"] = dict(epoch=epoch + 1, val=entry["val"],
                                   model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         with open(os.path.join(out, "log.jsonl"), "a") as f:
@@ -403,6 +429,7 @@ def with_nrr(result):
 # -----------------------------------------------------------------------------
 
 def cmd_train(args):
+    start = time.time()
     data, train_split, val, test = setup_data(args)
     model = None
     if args.method == "cure" and not args.init and args.warmup_epochs == 0:
@@ -422,6 +449,8 @@ def cmd_train(args):
             args.resume = resume
     model, revision, record = train(args, args.method, data, train_split, val, test, args.out, model)
     metrics = final_metrics(args, model, test, record, args.method, revision)
+    metrics["train_seconds"] = sum(record["epoch_seconds"])
+    metrics["wall_seconds"] = time.time() - start   # this invocation (a resumed run: since resuming)
     return finish(args, metrics)
 
 
@@ -436,8 +465,317 @@ def cmd_eval(args):
                              width=args.width, device=str(args.device), test=result))
 
 
+# -----------------------------------------------------------------------------
+# RiFT: MRC ranking, fine-tune the least robust-critical module, interpolate, evaluate
+# -----------------------------------------------------------------------------
+
+def cmd_rift(args):
+    start = time.time()
+    if not args.init:
+        raise UsageError("rift needs --init CKPT (an AT, TRADES or CURE checkpoint)")
+    data, train_split, val, test = setup_data(args)
+    model = setup_model(args, data).eval()
+    candidates = rf.rift_modules(model)
+    eps, step = args.eps_px, args.step_px
+    result = dict(method="rift", checkpoint=args.init, dataset=args.dataset, model=args.model,
+                  width=args.width, device=str(args.device))
+    if args.module is not None:
+        if args.module not in candidates:
+            raise UsageError(f"unknown module {args.module!r}; choose one of {candidates}")
+        module = args.module
+    else:
+        # Robust loss on a fixed set of adversarial training examples (PGD-10, CE), made once.
+        fixed = train_split.subset(slice(0, args.mrc_size))
+        x, y = next(rf.batches(fixed, len(fixed)))
+        x_adv = torch.cat([rf.pgd(model, xb, yb, eps, step, 10) for xb, yb in
+                           zip(x.split(args.batch_size), y.split(args.batch_size))])
+        mrc = rf.module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, variant=args.mrc_variant,
+                                           progress=Progress("MRC"),
+                                           generator=torch.Generator().manual_seed(args.seed))
+        ranking = sorted(mrc.items(), key=lambda kv: kv[1])
+        print("MRC ranking (lowest = non-robust-critical):", file=sys.stderr)
+        for name, value in ranking:
+            print(f"  {value:10.5f}  {name}", file=sys.stderr)
+        result.update(mrc=dict(ranking), mrc_examples=len(fixed))
+        module = rf.non_robust_critical_module(mrc)
+        if args.mrc_only:
+            result.update(module=module, wall_seconds=time.time() - start)
+            return finish(args, result)
+    result["module"] = module
+    print(f"fine-tuning {module} for {args.rift_epochs} epochs", file=sys.stderr)
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tuned = copy.deepcopy(model)
+    rf.finetune_module(tuned, module, train_split, epochs=args.rift_epochs,
+                       lr=args.lr if args.lr_given else 1e-3, weight_decay=args.weight_decay,
+                       batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
+                       progress=Progress(f"fine-tune {module}"))
+    tuned_state = tuned.state_dict()
+    table = []
+    probe = copy.deepcopy(model)
+    for alpha in rf.RIFT_ALPHAS:                       # selection on the validation split, never test
+        probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
+        torch.manual_seed(args.seed)
+        v = rf.evaluate(probe, val, ["pgd10"], eps)     # the paper selects with PGD-10
+        table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"]))
+        print(f"  alpha {alpha:.1f}: val clean {v['clean']:.2f}%  PGD-10 {v['pgd10']:.2f}%  (n={v['n']})",
+              file=sys.stderr)
+    alpha = rf.select_alpha(table, args.tolerance)
+    probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
+    cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, (1, 2, 3, 4, 5), num=args.test_size) \
+        if args.cifar10c else None
+    before, after = [], []
+    for m, store in ((model, before), (probe, after)):
+        torch.manual_seed(args.seed)   # the same random starts for both: a paired comparison
+        r = with_nrr(rf.evaluate(m, test, args.attacks, eps, progress=Progress("test")))
+        r["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
+        store.append(r)
+    result.update(alphas=table, alpha=alpha, tolerance=args.tolerance, before=before[0], after=after[0],
+                  test=after[0], wall_seconds=time.time() - start)
+    os.makedirs(args.out, exist_ok=True)
+    rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=probe.state_dict(), alpha=alpha,
+                       module=module, config=config_record(args, "rift"))
+    print(f"RiFT on {module}: alpha {alpha}", file=sys.stderr)
+    print(f"{'':8}{'clean':>8}{'PGD-20':>8}{'CW':>8}{'corrupt':>9}", file=sys.stderr)
+    for label, r in (("before", before[0]), ("after", after[0])):
+        print(f"{label:8}{r['clean']:8.2f}{r.get('pgd20', float('nan')):8.2f}{r.get('cw', float('nan')):8.2f}"
+              f"{r['corruption']:9.2f}", file=sys.stderr)
+    return finish(args, result)
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks: `bench step` (TRADES vs CURE step) and `bench mask` (fused vs plain RGP mask)
+# -----------------------------------------------------------------------------
+
+def official_style_cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generator,
+                             eps, step_size, steps):
+    """The official CURE code's structure, re-created for the benchmark (same maths as ours):
+    four backward passes (CE nat, CE adv, KL, L_CR) into .grad with copies in between, and a
+    NumPy percentile per tensor after a device-to-host copy of every gradient."""
+    import kernels
+    x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
+    with torch.no_grad():
+        rev_nat, rev_adv = revision.model(x), revision.model(x_adv)
+    logits_nat, logits_adv = model(x), model(x_adv)
+    terms = [torch.nn.functional.cross_entropy(logits_nat, y), torch.nn.functional.cross_entropy(logits_adv, y),
+             cfg.beta * torch.nn.functional.kl_div(torch.log_softmax(logits_adv, 1), torch.softmax(logits_nat, 1),
+                                                   reduction="batchmean"),
+             cfg.gamma * (rf.consistency_loss(logits_nat, rev_nat) + rf.consistency_loss(logits_adv, rev_adv))]
+    grads = []
+    for term in terms:
+        optimizer.zero_grad()
+        term.backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.grad = grads[0][i] + grads[2][i] + grads[3][i]
+    masked = [i for i, p in enumerate(params) if p.ndim >= 2]
+    kernels.numpy_rgp_mask_([params[i].grad for i in masked], [grads[0][i] for i in masked],
+                            [grads[1][i] for i in masked], cfg.alpha, cfg.percentile)
+    optimizer.step()
+    revision.maybe_update_(model, decay, rate, step, generator)
+    return (terms[0] + terms[2] + terms[3]).detach()
+
+
+def bench_step(args):
+    """Time one training step of TRADES, of CURE, and of the official CURE structure."""
+    torch.manual_seed(args.seed)
+    width = 16 if args.width is None else args.width
+    batch = args.batch_size if args.batch_size_given else 64
+    model = rf.build_model(args.model, 10, width).to(args.device).train()
+    x = torch.rand(batch, 3, 32, 32, device=args.device)
+    y = torch.randint(10, (batch,), device=args.device)
+    opt = rf.make_optimizer(model, 0.01, 5e-4)
+    cfg = rf.cure_defaults(args.model, "cifar10")
+    revision, gen = rf.Revision(model), torch.Generator().manual_seed(0)
+    eps, step, k = args.eps_px, args.step_px, args.attack_steps
+    candidates = {
+        "trades": lambda: rf.trades_step(model, opt, x, y, eps, step, k, 6.0),
+        "cure": lambda: rf.cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100, gen, eps, step, k,
+                                     rf.rgp_mask_for(args.device)),
+        "cure_official": lambda: official_style_cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100,
+                                                          gen, eps, step, k),
+    }
+    on_cuda = torch.device(args.device).type == "cuda"
+    result = dict(bench="step", device=str(args.device),
+                  device_name=torch.cuda.get_device_name(args.device) if on_cuda else cpu_name(),
+                  model=args.model, width=width, batch=batch, attack_steps=k, reps=args.reps,
+                  threads=torch.get_num_threads())
+    import kernels
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    for name, fn in candidates.items():
+        result[f"{name}_ms"] = kernels.median_ms(fn, 2, args.reps, sync)
+        print(f"{name}: {result[f'{name}_ms']:.1f} ms per step", file=sys.stderr)
+    result["ratio"] = result["cure_ms"] / result["trades_ms"]
+    result["ratio_official"] = result["cure_official_ms"] / result["trades_ms"]
+    return result
+
+
+def bench_mask(args):
+    """Time the RGP mask on the parameter shapes of ResNet-18 and WRN-34-10 (random gradients)."""
+    import kernels
+    shapes = {}
+    for name in ("resnet18", "wrn34_10"):
+        with torch.device("meta"):
+            shapes[name] = [tuple(p.shape) for _, p in rf.masked_parameters(rf.build_model(name))]
+    return dict(bench="mask", **kernels.bench_mask(shapes, percentile=30.0, alpha=0.1, reps=args.reps,
+                                                   device=args.device))
+
+
 def cmd_bench(args):
-    raise UsageError("bench is not available yet")
+    result = bench_step(args) if args.dataset == "step" else bench_mask(args)
+    return finish(args, result)
+
+
+# -----------------------------------------------------------------------------
+# compare: one natural start, each method from it under the same budget, then RiFT; table + plots
+# -----------------------------------------------------------------------------
+
+def sub_run(args, method, out, **changes):
+    """A copy of `args` for one stage of `compare`, resuming whatever that stage left behind."""
+    sub = argparse.Namespace(**vars(args))
+    sub.method, sub.out, sub.resume = method, out, True
+    sub.weight_decay = args.weight_decay_given if args.weight_decay_given is not None else WEIGHT_DECAY[method]
+    sub.beta = args.beta_given if args.beta_given is not None else (1.0 if method == "cure" else 6.0)
+    for k, v in changes.items():
+        setattr(sub, k, v)
+    return sub
+
+
+def complete(out):
+    """A stage is complete when its metrics.json exists (written only after its final evaluation)."""
+    path = os.path.join(out, "metrics.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def run_stage(sub, command):
+    done = complete(sub.out)
+    if done is not None:
+        print(f"compare: {sub.out} is complete, skipping", file=sys.stderr)
+        return done
+    return command(sub)
+
+
+def cmd_compare(args):
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in COMPARE_METHODS]
+    if bad or not methods:
+        raise UsageError(f"unknown --methods entry {bad[0] if bad else ''!r}; choose from {list(COMPARE_METHODS)}")
+    os.makedirs(args.out, exist_ok=True)
+    nat_dir = os.path.join(args.out, "natural")
+    natural = run_stage(sub_run(args, "natural", nat_dir, epochs=args.natural_epochs, init=None), cmd_train)
+    nat_ckpt = os.path.join(nat_dir, "checkpoint.pt")
+    rows = {"natural": natural}
+    for m in methods:
+        rows[m] = run_stage(sub_run(args, m, os.path.join(args.out, m), init=nat_ckpt), cmd_train)
+        if args.rift:
+            rows[f"{m}+rift"] = run_stage(
+                sub_run(args, "rift", os.path.join(args.out, f"{m}_rift"),
+                        init=os.path.join(args.out, m, "checkpoint.pt")), cmd_rift)
+    results = dict(dataset=args.dataset, preset=args.preset, model=args.model, width=args.width,
+                   epochs=args.epochs, natural_epochs=args.natural_epochs, seed=args.seed,
+                   device=str(args.device), rows=rows)
+    write_json(os.path.join(args.out, "results.json"), results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(results_table(results))
+    plots = make_plots(args.out, rows, methods)
+    summary = dict(method="compare", dataset=args.dataset, out=args.out, plots=plots,
+                   table={name: table_row(r) for name, r in rows.items()})
+    return finish(args, summary)
+
+
+def table_row(metrics):
+    """The paper's columns for one run: clean, PGD-20, PGD-100, CW, AutoAttack, NRR, minutes."""
+    test = metrics.get("test", metrics.get("after", {}))
+    row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack")}
+    rob = row["cw"] if row["cw"] is not None else test.get("robust")
+    row["nrr"] = rf.nrr(row["clean"], rob) if rob is not None else None     # Eq. 9 of this row's columns
+    row["minutes"] = metrics.get("wall_seconds", 0.0) / 60
+    return row
+
+
+def results_table(results):
+    cols = [("clean", "Clean"), ("pgd20", "PGD-20"), ("pgd100", "PGD-100"), ("cw", "CW-inf"),
+            ("autoattack", "AutoAttack"), ("nrr", "NRR (Eq. 9, CW)"), ("minutes", "wall-clock min")]
+    n = table_row(next(iter(results["rows"].values())))["n"]
+    lines = [f"Test split: {n} images; {results['dataset']}, {results['model']} width {results['width']}, "
+             f"{results['epochs']} epochs per method from one natural checkpoint "
+             f"({results['natural_epochs']} epochs), preset {results['preset']}, device {results['device']}.",
+             "", "| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, metrics in results["rows"].items():
+        row = table_row(metrics)
+        cells = ["-" if row[k] is None else f"{row[k]:.2f}" for k, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(out, rows, methods):
+    """The papers' figures from the runs' records; returns the PNG paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(out, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(5, 4))                       # Figure 1: clean vs robust
+    for name, metrics in rows.items():
+        row = table_row(metrics)
+        rob = row["cw"] if row["cw"] is not None else row["pgd20"]
+        ax.scatter(row["clean"], rob, s=40)
+        ax.annotate(name, (row["clean"], rob), textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="clean accuracy (%)", ylabel="robust accuracy, CW-inf (%)", title="Clean vs robust accuracy")
+    ax.grid(alpha=0.3)
+    save(fig, "clean_vs_robust.png")
+
+    fig, ax = plt.subplots(figsize=(5, 4))                       # Figure 5c: robust accuracy per epoch
+    for m in methods:
+        log = read_log(os.path.join(out, m, "log.jsonl"))
+        ax.plot([e["epoch"] for e in log], [e["val"]["pgd20"] for e in log], marker="o", label=m)
+        if m == "cure":
+            ax.plot([e["epoch"] for e in log if "val_revision" in e],
+                    [e["val_revision"]["pgd20"] for e in log if "val_revision" in e],
+                    marker="x", linestyle="--", label="cure (revision model)")
+    ax.set(xlabel="epoch", ylabel="validation PGD-20 accuracy (%)", title="Robust accuracy per epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "robust_per_epoch.png")
+
+    if "cure" in methods:                                        # Figure 6b: updated fraction per layer
+        log = [e for e in read_log(os.path.join(out, "cure", "log.jsonl")) if "updated_fraction" in e]
+        if log:
+            frac = log[-1]["updated_fraction"]
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.bar(range(len(frac)), [100 * v for v in frac.values()])
+            ax.set_xticks(range(len(frac)), [n.replace(".weight", "") for n in frac], rotation=90, fontsize=7)
+            ax.set(ylabel="entries updated per step (%)", title=f"CURE: updated weights per layer (epoch {log[-1]['epoch']})")
+            save(fig, "cure_updated_fraction.png")
+
+    rift_rows = {n: r for n, r in rows.items() if n.endswith("+rift") and "alphas" in r}
+    if rift_rows:                                                # RiFT: accuracy vs interpolation factor
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for name, r in rift_rows.items():
+            a = [t["alpha"] for t in r["alphas"]]
+            ax.plot(a, [t["clean"] for t in r["alphas"]], marker="o", label=f"{name} clean")
+            ax.plot(a, [t["robust"] for t in r["alphas"]], marker="x", linestyle="--", label=f"{name} PGD")
+        ax.set(xlabel="interpolation factor alpha", ylabel="validation accuracy (%), PGD-10 dashed",
+               title="RiFT interpolation")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "rift_interpolation.png")
+    return paths
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv=None):
@@ -450,6 +788,8 @@ def main(argv=None):
             return cmd_eval(args)
         if args.method == "rift":
             return cmd_rift(args)
+        if args.method == "compare":
+            return cmd_compare(args)
         return cmd_train(args)
     except UsageError as e:
         print(f"run.py: error: {e}", file=sys.stderr)

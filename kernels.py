@@ -1,0 +1,402 @@
+"""Fused RGP update mask: CURE's per-tensor percentile mask in a constant number of launches.
+
+Motivation
+----------
+CURE (Algorithm 1, line 20) zeroes, in every masked tensor, the gradient entries whose RGP score
+(Eq. 6) lies below the tensor's p-th percentile. The official code does this with a device-to-host
+copy and `np.percentile` per tensor; eager PyTorch (`robust_ft.rgp_mask_`) stays on the device but
+makes about a dozen launches per tensor and selects with `torch.kthvalue`, which walks each slice
+with one thread block in 16 passes of 2-bit digits. Here every masked tensor of the model is handled at once:
+
+    memset(hist) -> 4 x _rgp_hist_kernel (one 8-bit digit each) -> _rgp_mask_kernel
+
+Six launches per call however many tensors there are, no sort, no host synchronisation. Each pass
+recomputes the score from g_nat and g_adv (no scratch buffer), histograms one 8-bit digit of its
+int32 order key per tensor (a segmented MSD radix select), and the last pass zeroes the gradient.
+The result is bit-identical to `robust_ft.rgp_mask_` (methods.md, CURE steps 4-5).
+
+Traffic model (estimates from the design, NOT measurements)
+-----------------------------------------------------------
+Per element with float32 gradients: each of the 5 data passes reads g_nat and g_adv (8 B); the mask
+pass writes a zero into the gradient where the mask holds (at most 4 B; we count it in full, since a
+scattered 30% store still touches nearly every 32-byte sector):
+
+    bytes/elem = 5 * 8 + 4 = 44        (the floor, read g_nat and g_adv once, write once: 12)
+
+The histograms (4 x segments x 256 int32) and the tables stay in L2 and are not counted.
+Ideal time at an H100's 3.35 TB/s of HBM bandwidth:
+
+    model       params        fused (44 B/elem)        floor (12 B/elem)
+    ResNet-18   11,173,962    491.7 MB -> 0.147 ms     134.1 MB -> 0.040 ms
+    WRN-34-10   46,160,474    2031.1 MB -> 0.606 ms    553.9 MB -> 0.165 ms
+
+Writing the key once in the first pass and reading 4 B in the later ones would bring this to about
+32 B/elem; recomputing keeps the kernels free of scratch memory and is within 1.4x of that.
+
+Dispatch: on CUDA tensors the Triton kernels run compiled; on CPU tensors they run under the Triton
+interpreter when `TRITON_INTERPRET=1` (Triton reads it when a kernel is decorated, so set it before
+importing this module; that is how the tests exercise the kernels without a GPU). Everything else
+(no Triton, other dtypes, tensors of 2**31 elements or more) goes to `robust_ft.rgp_mask_`, so
+`import kernels` works without Triton.
+"""
+from __future__ import annotations  # lets the kernel signatures name `tl` when Triton is missing
+
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import robust_ft
+
+try:
+    import triton
+    import triton.language as tl
+    _jit = triton.jit
+except ImportError:  # the dispatcher then always takes the plain path and no kernel is ever called
+    triton = tl = None
+    _jit = lambda fn: fn  # noqa: E731
+
+# Elements one program covers (CHUNK_SIZE) and handles per loop step (BLOCK_SIZE). A chunk never
+# spans two tensors, so small tensors get one masked program each. Untuned: no GPU was available.
+BLOCK_SIZE = 2048
+CHUNK_SIZE = 16384
+# The select uses 8-bit digits: 4 passes over a 32-bit key, 256 bins (tl.histogram lowers to one
+# warp ballot per bit of the bin index, so 256 is the practical size). The kernels write these
+# numbers as literals because Triton only reads tl.constexpr globals; the host uses the names.
+NUM_PASSES = 4
+NUM_BINS = 256
+
+# Segment table row, one per masked tensor (int64): n, k, data_ptr() of g, g_nat, g_adv, and their
+# dtype codes below, on which the kernels branch to load and store (columns 0..7).
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# Kernel launches made by the fused path since import (the memset counts as one). Tests compare the
+# difference across a call: it is the same for 3 tensors as for 40.
+LAUNCHES = 0
+
+
+# =============================================================================
+# Plain reference
+# =============================================================================
+# `robust_ft.rgp_mask_` is the specification in code. Its traffic per element and tensor (fp32):
+# score: abs, mul_, abs, mul_, add_ -> read 24 B, write 20 B; key: isnan, full_like, where -> read
+# 13 B, write 9 B; kthvalue: 16 radix passes of 2 bits -> read >= 64 B, in one thread block per
+# tensor; mask: compare, masked_fill_ -> read 9 B, write 5 B. About 145 B/elem and a dozen launches
+# per tensor, i.e. hundreds of launches per step.
+
+
+# =============================================================================
+# Kernels
+# =============================================================================
+
+@_jit
+def _rgp_load_f32(addr, code, offs, mask):
+    """Load a block of a float32 (code 0), float16 (1) or bfloat16 (2) tensor as float32.
+
+    `addr` is the tensor's data_ptr() read from the segment table; the widening is exact.
+    """
+    if code == 0:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    elif code == 1:
+        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@_jit
+def _rgp_store_zero(addr, code, offs, mask):
+    """Write +0 into a float32/float16/bfloat16 tensor where `mask` holds (masked_fill_(..., 0))."""
+    if code == 0:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, 0.0, mask=mask)
+    elif code == 1:
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, 0.0, mask=mask)
+    else:
+        tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, 0.0, mask=mask)
+
+
+@_jit
+def _rgp_score_key(seg_ptr, seg, offs, mask, a, b):
+    """int32 order key of the RGP score (Eq. 6), s = a * |g_nat| + b * |g_adv| in float32.
+
+    The launch passes enable_fp_fusion=False, so the two products and the sum are rounded
+    separately, as in `robust_ft.rgp_score`. Non-negative floats order like their int32 bits; the
+    sign bit is cleared (-0 -> +0) and NaN becomes 0x7FFFFFFF, above +inf, as in
+    `robust_ft.score_key` (NaN bits come out with either sign).
+    """
+    # the interpreter types a Python float below 2**-126 as float64: pin the coefficients to fp32
+    a = tl.full([], a, tl.float32)
+    b = tl.full([], b, tl.float32)
+    row = seg_ptr + seg * 8
+    g_nat = _rgp_load_f32(tl.load(row + 3), tl.load(row + 6), offs, mask)
+    g_adv = _rgp_load_f32(tl.load(row + 4), tl.load(row + 7), offs, mask)
+    s = a * tl.abs(g_nat) + b * tl.abs(g_adv)
+    bits = s.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(s != s, 0x7FFFFFFF, bits)
+
+
+@_jit
+def _rgp_descend(hist_ptr, seg, num_segs, k, DEPTH: tl.constexpr):
+    """Follow ascending rank k down the first DEPTH digit histograms of segment `seg`.
+
+    Returns (prefix, rank): the top DEPTH digits of the rank-k key and the rank it still has among
+    the keys sharing that prefix. With DEPTH = 4 the prefix is the threshold t of spec step 5.
+    Every program recomputes this from the (L2-resident) histograms instead of a separate select
+    kernel, which is what keeps the launch count constant.
+    """
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.int32)
+    rank = k
+    for d in tl.static_range(DEPTH):
+        h = tl.load(hist_ptr + (d * num_segs + seg) * 256 + bins)  # (256,) int32 counts
+        # the digit is the first bin whose inclusive count exceeds the rank; the clamp only matters
+        # for k = n segments, whose histograms stay empty and whose threshold is never used
+        digit = tl.minimum(tl.sum((tl.cumsum(h, 0) <= rank).to(tl.int32), 0), 255)
+        rank = rank - tl.sum(tl.where(bins < digit, h, 0), 0)
+        # keys are non-negative, so for k < n the top digit is < 128 and the shift cannot overflow
+        prefix = (prefix << 8) | digit
+    return prefix, rank
+
+
+@_jit
+def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and first element
+                     seg_ptr,     # int64 (S, 8): n, k, addresses of g, g_nat, g_adv, dtype codes
+                     hist_ptr,    # int32 (4, S, 256): digit histograms, zeroed before pass 0
+                     num_segs,    # S, number of segments (tensors with 0 < k)
+                     a, b,        # float32(alpha), float32(1 - alpha)
+                     PASS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass PASS of the radix select: count digit PASS of the keys that share the rank-k prefix."""
+    pid = tl.program_id(0)
+    seg = tl.load(chunk_ptr + 2 * pid)
+    start = tl.load(chunk_ptr + 2 * pid + 1)
+    n = tl.load(seg_ptr + seg * 8)
+    k = tl.load(seg_ptr + seg * 8 + 1)
+    prefix, rank = _rgp_descend(hist_ptr, seg, num_segs, k, PASS)
+    # a k = n segment is zeroed whole by the mask pass and needs no threshold: read nothing
+    end = tl.where(k < n, tl.minimum(start + CHUNK, n), start)
+    acc = tl.zeros([256], dtype=tl.int32)
+    for i in range(tl.cdiv(end - start, BLOCK).to(tl.int32)):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
+        inb = offs < end
+        key = _rgp_score_key(seg_ptr, seg, offs, inb, a, b)
+        selected = inb
+        if PASS > 0:
+            selected = selected & ((key >> (32 - 8 * PASS)) == prefix)
+        # digits masked to [0, 256): the interpreter's histogram drops out-of-range values
+        digit = (key >> (24 - 8 * PASS)) & 255
+        acc += tl.histogram(digit, 256, mask=selected)
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist_ptr + (PASS * num_segs + seg) * 256 + bins, acc, mask=acc > 0)
+
+
+@_jit
+def _rgp_mask_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and first element
+                     seg_ptr,     # int64 (S, 8): n, k, addresses of g, g_nat, g_adv, dtype codes
+                     hist_ptr,    # int32 (4, S, 256): the four filled digit histograms
+                     num_segs,    # S, number of segments
+                     a, b,        # float32(alpha), float32(1 - alpha)
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Spec step 5: zero g where key < t (strict, ties kept); zero all of g when k = n."""
+    pid = tl.program_id(0)
+    seg = tl.load(chunk_ptr + 2 * pid)
+    start = tl.load(chunk_ptr + 2 * pid + 1)
+    n = tl.load(seg_ptr + seg * 8)
+    k = tl.load(seg_ptr + seg * 8 + 1)
+    g_addr = tl.load(seg_ptr + seg * 8 + 2)
+    g_code = tl.load(seg_ptr + seg * 8 + 5)
+    threshold, _ = _rgp_descend(hist_ptr, seg, num_segs, k, 4)
+    mask_all = k == n
+    end = tl.minimum(start + CHUNK, n)
+    for i in range(tl.cdiv(end - start, BLOCK).to(tl.int32)):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < end
+        key = _rgp_score_key(seg_ptr, seg, offs, inb & (k < n), a, b)
+        _rgp_store_zero(g_addr, g_code, offs, inb & ((key < threshold) | mask_all))
+
+
+# =============================================================================
+# Launcher
+# =============================================================================
+
+_TABLE_CACHE = {}     # key -> (table, hist, num_segs, num_chunks); a pure function of its key
+_TABLE_CACHE_SIZE = 8
+
+
+def _rgp_tables(segments, percentile, device):
+    """Segment and chunk tables of one call, built from shapes and pointers only, cached.
+
+    segments: (g, g_nat, g_adv) contiguous triples, each with 0 < k. Returns
+    (table, hist, num_segs, num_chunks): `table` is one int64 device tensor holding the segment
+    table (S, 8) followed by the chunk table (C, 2); `hist` is the int32 (4, S, 256) buffer.
+    A cache miss costs one host-to-device copy, from pinned memory on CUDA so the host does not wait.
+    """
+    rows = []
+    for g, g_nat, g_adv in segments:
+        n = g.numel()
+        rows.append((n, robust_ft.rgp_rank(n, percentile), g.data_ptr(), g_nat.data_ptr(),
+                     g_adv.data_ptr(), _DTYPE_CODES[g.dtype], _DTYPE_CODES[g_nat.dtype],
+                     _DTYPE_CODES[g_adv.dtype]))
+    key = (str(device), CHUNK_SIZE, tuple(rows))
+    if key in _TABLE_CACHE:
+        return _TABLE_CACHE[key]
+    chunks = [(seg, start) for seg, row in enumerate(rows) for start in range(0, row[0], CHUNK_SIZE)]
+    host = torch.tensor([v for row in rows for v in row] + [v for c in chunks for v in c],
+                        dtype=torch.int64)
+    if device.type == "cuda":
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host
+    hist = torch.empty((NUM_PASSES, len(rows), NUM_BINS), dtype=torch.int32, device=device)
+    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))   # the oldest entry
+    _TABLE_CACHE[key] = (table, hist, len(rows), len(chunks))
+    return _TABLE_CACHE[key]
+
+
+@torch.no_grad()
+def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
+    """Run the six launches on tensors already checked by `robust_ft.check_rgp_args`.
+
+    Tensors with k = 0 (this includes empty ones) are left out. Non-contiguous inputs are
+    copied to contiguous ones, and a non-contiguous gradient is masked in its copy and copied back:
+    those copies are the only launches that depend on the number of tensors.
+    """
+    global LAUNCHES
+    a, b = robust_ft.rgp_coefficients(alpha)
+    segments, copy_back = [], []
+    for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
+        if robust_ft.rgp_rank(g.numel(), percentile) == 0:
+            continue
+        work = g.contiguous()          # g itself when it is contiguous, the usual case
+        if not g.is_contiguous():
+            copy_back.append((g, work))
+        segments.append((work, g_nat.contiguous(), g_adv.contiguous()))
+    if not segments:
+        return
+    device = segments[0][0].device
+    table, hist, num_segs, num_chunks = _rgp_tables(segments, percentile, device)
+    seg_table, chunk_table = table[:8 * num_segs], table[8 * num_segs:]
+    grid = (num_chunks,)
+
+    hist.zero_()
+    LAUNCHES += 1
+    for pass_ in range(NUM_PASSES):
+        _rgp_hist_kernel[grid](chunk_table, seg_table, hist, num_segs, a, b,
+                               PASS=pass_, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                               num_warps=8, enable_fp_fusion=False)
+        LAUNCHES += 1
+    _rgp_mask_kernel[grid](chunk_table, seg_table, hist, num_segs, a, b,
+                           CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                           num_warps=8, enable_fp_fusion=False)
+    LAUNCHES += 1
+    for g, work in copy_back:
+        g.copy_(work)
+
+
+# =============================================================================
+# Dispatcher
+# =============================================================================
+
+def _fused_path_applies(tensors):
+    """True when the Triton kernels can run on these tensors (else the plain path runs)."""
+    if triton is None or not tensors:
+        return False
+    device = tensors[0].device
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    # compiled kernels need CUDA; the interpreter dereferences the data_ptr() table on the host
+    if device.type != ("cpu" if interpreting else "cuda"):
+        return False
+    return all(t.device == device and t.dtype in _DTYPE_CODES
+               and t.numel() < 2 ** 31              # histogram counts are int32
+               for t in tensors)
+
+
+def fused_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
+    """RGP update mask (Eq. 6, Alg. 1 line 20), in place, for all tensors of a model at once.
+
+    Same arguments, errors and results (bit for bit) as `robust_ft.rgp_mask_`: per tensor
+    k = floor(p * n / 100), and the gradient is zeroed where the score's key is strictly below
+    the key at ascending rank k (NaN above everything); k = 0 masks nothing, k = n masks all.
+    Runs the Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), else the plain path.
+    Returns None.
+    """
+    robust_ft.check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
+    if _fused_path_applies([*grads, *grads_nat, *grads_adv]):
+        _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
+    else:
+        robust_ft.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+
+
+# =============================================================================
+# Benchmark
+# =============================================================================
+
+def fused_traffic_bytes(grads, grads_nat, grads_adv):
+    """Bytes the fused path moves by the traffic model: 5 reads of g_nat and g_adv, 1 write of g."""
+    return sum(5 * (gn.numel() * gn.element_size() + ga.numel() * ga.element_size())
+               + g.numel() * g.element_size() for g, gn, ga in zip(grads, grads_nat, grads_adv))
+
+
+@torch.no_grad()
+def numpy_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
+    """The official CURE structure: per tensor the score to the host, `np.percentile`, mask back.
+
+    For comparison only: np.percentile interpolates between ranks, so this mask can differ from
+    the spec's rank-k rule in a few entries per tensor.
+    """
+    for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
+        score = robust_ft.rgp_score(g_nat, g_adv, alpha).cpu().numpy()   # host sync per tensor
+        below = torch.from_numpy(score < np.percentile(score, percentile)).to(g.device)
+        g.masked_fill_(below, 0)
+
+
+def median_ms(fn, warmup, reps, sync):
+    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_mask(shapes_by_model, percentile=30.0, alpha=0.1, warmup=1, reps=3, device=None,
+               peak_bytes_per_s=3.35e12):
+    """Time the plain, official-style (numpy) and fused masks on random gradients.
+
+    shapes_by_model: {"resnet18": [(64, 3, 3, 3), ...], ...}, the shapes of the masked tensors.
+    percentile, alpha: CURE's ResNet-18 CIFAR-10 setting (methods.md, Table 9 row 1).
+    peak_bytes_per_s: HBM bandwidth for the fraction of peak (H100 SXM: 3.35 TB/s).
+    Returns {"device": name, "peak_bytes_per_s": ..., "models": {name: {...}}}, JSON-serialisable;
+    times are medians in ms. The fused path is timed on CUDA only (the interpreter is no benchmark).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    gen = torch.Generator(device=device).manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+              "peak_bytes_per_s": peak_bytes_per_s, "models": {}}
+    for name, shapes in shapes_by_model.items():
+        grads, grads_nat, grads_adv = ([torch.randn(s, generator=gen, device=device) for s in shapes]
+                                       for _ in range(3))
+        args = (grads, grads_nat, grads_adv, alpha, percentile)
+        traffic = fused_traffic_bytes(grads, grads_nat, grads_adv)
+        row = {"n_tensors": len(shapes), "n_elements": sum(g.numel() for g in grads),
+               "traffic_bytes": traffic, "ideal_ms": traffic / peak_bytes_per_s * 1e3,
+               "plain_ms": median_ms(lambda: robust_ft.rgp_mask_(*args), warmup, reps, sync),
+               "numpy_ms": median_ms(lambda: numpy_rgp_mask_(*args), warmup, reps, sync)}
+        if on_cuda and triton is not None:
+            fused_ms = median_ms(lambda: fused_rgp_mask_(*args), warmup, reps, sync)
+            row.update(fused_ms=fused_ms, fused_gb_per_s=traffic / fused_ms / 1e6,
+                       fused_fraction_of_peak=traffic / (fused_ms * 1e-3) / peak_bytes_per_s)
+        else:
+            row.update(fused_ms=None, fused_note="needs a CUDA GPU (and Triton)")
+        result["models"][name] = row
+        del grads, grads_nat, grads_adv, args
+    return result
