@@ -600,11 +600,19 @@ def bench_step(args):
                   device_name=torch.cuda.get_device_name(args.device) if on_cuda else cpu_name(),
                   model=args.model, width=width, batch=batch, attack_steps=k, reps=args.reps,
                   threads=torch.get_num_threads())
-    import kernels
-    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    for name, fn in candidates.items():
-        result[f"{name}_ms"] = kernels.median_ms(fn, 2, args.reps, sync)
-        print(f"{name}: {result[f'{name}_ms']:.1f} ms per step", file=sys.stderr)
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    times = {name: [] for name in candidates}
+    for rep in range(-2, args.reps):          # 2 warm-up rounds; candidates interleaved, so that
+        for name, fn in candidates.items():   # background load or clock changes hit all alike
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if rep >= 0:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    for name, ts in times.items():
+        result[f"{name}_ms"] = sorted(ts)[len(ts) // 2]   # median (upper median for even reps)
+        print(f"{name}: {result[f'{name}_ms']:.1f} ms per step (median of {len(ts)})", file=sys.stderr)
     result["ratio"] = result["cure_ms"] / result["trades_ms"]
     result["ratio_official"] = result["cure_official_ms"] / result["trades_ms"]
     return result

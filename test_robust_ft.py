@@ -590,7 +590,7 @@ def test_cure_beats_natural_training_under_pgd(natural_model):
 def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"
     argv = ["compare", *SMALL, "--natural-epochs", "1", "--epochs", "1", "--rift", "--rift-epochs", "1",
-            "--mrc-size", "16", "--out", str(out)]
+            "--mrc-size", "16", "--train-size", "128", "--val-size", "32", "--test-size", "32", "--out", str(out)]
     first = run_cli(argv, capsys)
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == {"natural", "at", "trades", "cure", "at+rift", "trades+rift", "cure+rift"}
