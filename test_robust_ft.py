@@ -295,6 +295,14 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, capsys, mon
         assert resumed[key] == straight[key]
 
 
+def test_bench_step_reports_trades_cure_and_the_official_structure(tmp_path, capsys):
+    out = run_cli(["bench", "step", "--device", "cpu", "--width", "4", "--batch-size", "8", "--reps", "1",
+                   "--attack-steps", "1", "--out", str(tmp_path)], capsys)
+    assert {"trades_ms", "cure_ms", "cure_official_ms", "ratio", "device", "model", "batch"} <= set(out)
+    assert out["ratio"] == pytest.approx(out["cure_ms"] / out["trades_ms"])
+    assert out["batch"] == 8 and out["width"] == 4
+
+
 def run_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         run.main(argv)
