@@ -523,20 +523,21 @@ def cmd_rift(args):
     probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
     cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, (1, 2, 3, 4, 5), num=args.test_size) \
         if args.cifar10c else None
-    before, after = [], []
-    for m, store in ((model, before), (probe, after)):
+    def test_metrics(m):
         torch.manual_seed(args.seed)   # the same random starts for both: a paired comparison
         r = with_nrr(rf.evaluate(m, test, args.attacks, eps, progress=Progress("test")))
         r["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
-        store.append(r)
-    result.update(alphas=table, alpha=alpha, tolerance=args.tolerance, before=before[0], after=after[0],
-                  test=after[0], wall_seconds=time.time() - start)
+        return r
+
+    before, after = test_metrics(model), test_metrics(probe)
+    result.update(alphas=table, alpha=alpha, tolerance=args.tolerance, before=before, after=after,
+                  test=after, wall_seconds=time.time() - start)
     os.makedirs(args.out, exist_ok=True)
     rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=probe.state_dict(), alpha=alpha,
                        module=module, config=config_record(args, "rift"))
     print(f"RiFT on {module}: alpha {alpha}", file=sys.stderr)
     print(f"{'':8}{'clean':>8}{'PGD-20':>8}{'CW':>8}{'corrupt':>9}", file=sys.stderr)
-    for label, r in (("before", before[0]), ("after", after[0])):
+    for label, r in (("before", before), ("after", after)):
         print(f"{label:8}{r['clean']:8.2f}{r.get('pgd20', float('nan')):8.2f}{r.get('cw', float('nan')):8.2f}"
               f"{r['corruption']:9.2f}", file=sys.stderr)
     return finish(args, result)
