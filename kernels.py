@@ -207,13 +207,15 @@ def _rgp_mask_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     g_addr = tl.load(seg_ptr + seg * 8 + 2)
     g_code = tl.load(seg_ptr + seg * 8 + 5)
     threshold, _ = _rgp_descend(hist_ptr, seg, num_segs, k, 4)
-    mask_all = k == n
     end = tl.minimum(start + CHUNK, n)
+    # Every predicate is a block comparison of offsets against a scalar bound: a scalar boolean
+    # mixed into a block mask gets no portable dtype (Triton 3.9's interpreter rejects it).
+    score_end = tl.where(k < n, end, start)    # a k = n segment reads no score ...
+    zero_end = tl.where(k == n, end, start)    # ... and is zeroed whole
     for i in range(tl.cdiv(end - start, BLOCK).to(tl.int32)):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < end
-        key = _rgp_score_key(seg_ptr, seg, offs, inb & (k < n), a, b)
-        _rgp_store_zero(g_addr, g_code, offs, inb & ((key < threshold) | mask_all))
+        key = _rgp_score_key(seg_ptr, seg, offs, offs < score_end, a, b)
+        _rgp_store_zero(g_addr, g_code, offs, (offs < end) & ((key < threshold) | (offs < zero_end)))
 
 
 # =============================================================================
