@@ -39,11 +39,10 @@ importing this module; that is how the tests exercise the kernels without a GPU)
 (no Triton, other dtypes, tensors of 2**31 elements or more) goes to `robust_ft.rgp_mask_`, so
 `import kernels` works without Triton.
 """
-from __future__ import annotations  # lets the kernel signatures name `tl` when Triton is missing
-
 import os
 import statistics
 import time
+import types
 
 import numpy as np
 import torch
@@ -55,7 +54,8 @@ try:
     import triton.language as tl
     _jit = triton.jit
 except ImportError:  # the dispatcher then always takes the plain path and no kernel is ever called
-    triton = tl = None
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)   # only so that the kernel signatures below evaluate
     _jit = lambda fn: fn  # noqa: E731
 
 # Elements one program covers (CHUNK_SIZE) and handles per loop step (BLOCK_SIZE). A chunk never
@@ -177,6 +177,7 @@ def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     # a k = n segment is zeroed whole by the mask pass and needs no threshold: read nothing
     end = tl.where(k < n, tl.minimum(start + CHUNK, n), start)
     acc = tl.zeros([256], dtype=tl.int32)
+    unselected = tl.zeros([], dtype=tl.int32)
     for i in range(tl.cdiv(end - start, BLOCK).to(tl.int32)):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
         inb = offs < end
@@ -186,8 +187,12 @@ def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
             selected = selected & ((key >> (32 - 8 * PASS)) == prefix)
         # digits masked to [0, 256): the interpreter's histogram drops out-of-range values
         digit = (key >> (24 - 8 * PASS)) & 255
-        acc += tl.histogram(digit, 256, mask=selected)
+        # tl.histogram takes no mask before Triton 3.2: count the unselected lanes in bin 0 and
+        # take them out again below (exact, one reduction per block)
+        acc += tl.histogram(tl.where(selected, digit, 0), 256)
+        unselected += BLOCK - tl.sum(selected.to(tl.int32), 0)
     bins = tl.arange(0, 256)
+    acc -= tl.where(bins == 0, unselected, 0)
     tl.atomic_add(hist_ptr + (PASS * num_segs + seg) * 256 + bins, acc, mask=acc > 0)
 
 
