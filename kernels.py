@@ -41,6 +41,9 @@ importing this module; that is how the tests exercise the kernels without a GPU)
 """
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import types
 
@@ -178,8 +181,10 @@ def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     end = tl.where(k < n, tl.minimum(start + CHUNK, n), start)
     acc = tl.zeros([256], dtype=tl.int32)
     unselected = tl.zeros([], dtype=tl.int32)
-    for i in range(tl.cdiv(end - start, BLOCK).to(tl.int32)):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
+    # a fixed trip count (the lanes past `end` are masked): older interpreters cannot take a
+    # tensor-valued range() under NumPy 2, and the compiled loop needs no bound from memory
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
         inb = offs < end
         key = _rgp_score_key(seg_ptr, seg, offs, inb, a, b)
         selected = inb
@@ -217,8 +222,8 @@ def _rgp_mask_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     # mixed into a block mask gets no portable dtype (Triton 3.9's interpreter rejects it).
     score_end = tl.where(k < n, end, start)    # a k = n segment reads no score ...
     zero_end = tl.where(k == n, end, start)    # ... and is zeroed whole
-    for i in range(tl.cdiv(end - start, BLOCK).to(tl.int32)):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+    for i in range(0, CHUNK, BLOCK):                # fixed trip count, as in the histogram pass
+        offs = start + i + tl.arange(0, BLOCK)
         key = _rgp_score_key(seg_ptr, seg, offs, offs < score_end, a, b)
         _rgp_store_zero(g_addr, g_code, offs, (offs < end) & ((key < threshold) | (offs < zero_end)))
 
@@ -266,9 +271,12 @@ def _rgp_tables(segments, percentile, device):
 def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
     """Run the six launches on tensors already checked by `robust_ft.check_rgp_args`.
 
-    Tensors with k = 0 (this includes empty ones) are left out. Non-contiguous inputs are
-    copied to contiguous ones, and a non-contiguous gradient is masked in its copy and copied back:
-    those copies are the only launches that depend on the number of tensors.
+    Tensors with k = 0 (this includes empty ones) are left out. A triple whose tensors share
+    their strides and fill their memory densely (contiguous, channels_last, any dense permutation)
+    is read as a flat buffer in memory order: a per-tensor percentile does not depend on the order
+    of the elements, so no copy is needed. Any other triple is copied to contiguous tensors, and
+    the gradient masked in its copy is copied back: those copies (counted in LAUNCHES) are the
+    only launches that depend on the number of tensors.
     """
     global LAUNCHES
     a, b = robust_ft.rgp_coefficients(alpha)
@@ -276,10 +284,14 @@ def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
     for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
         if robust_ft.rgp_rank(g.numel(), percentile) == 0:
             continue
-        work = g.contiguous()          # g itself when it is contiguous, the usual case
+        if g.stride() == g_nat.stride() == g_adv.stride() and dense_layout(g):
+            segments.append((g, g_nat, g_adv))          # the usual case: no copy
+            continue
+        triple = [t.contiguous() for t in (g, g_nat, g_adv)]
+        LAUNCHES += sum(not t.is_contiguous() for t in (g, g_nat, g_adv))
         if not g.is_contiguous():
-            copy_back.append((g, work))
-        segments.append((work, g_nat.contiguous(), g_adv.contiguous()))
+            copy_back.append((g, triple[0]))
+        segments.append(tuple(triple))
     if not segments:
         return
     device = segments[0][0].device
@@ -300,6 +312,19 @@ def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
     LAUNCHES += 1
     for g, work in copy_back:
         g.copy_(work)
+        LAUNCHES += 1
+
+
+def dense_layout(t):
+    """True when t's elements fill the memory from t.data_ptr() densely with no overlap, in some
+    order of its dimensions (contiguous, channels_last, ...): then they are t.numel() consecutive
+    elements, and a flat kernel can read them in memory order."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 # =============================================================================
@@ -334,6 +359,120 @@ def fused_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
         _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
     else:
         robust_ft.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+
+
+def entries_differing(a, b):
+    """How many entries of a and b differ (NaN equals NaN: a kept NaN gradient is no mismatch)."""
+    return int(((a != b) & ~(a.isnan() & b.isnan())).sum())
+
+
+class CheckedFusedMask:
+    """`fused_rgp_mask_` that proves itself on the device it runs on, never silently wrong.
+
+    The first fused call for each tensor layout (device, shapes, strides, dtypes, alpha, p) is
+    also computed by `robust_ft.rgp_mask_` on copies of its inputs. If the two differ, one line
+    names the tensor and the number of entries, the plain result is used, and every later call
+    takes the plain path. `path` says what ran: "fused", "plain" (the fused path does not apply
+    to these tensors) or "plain after a fused mismatch"; `mismatch` holds the details.
+    The check costs one plain mask and one host sync per layout, once per process.
+    """
+
+    def __init__(self, log=None):
+        self.path, self.mismatch, self.checked = None, None, set()
+        self.log = log if log is not None else (lambda line: print(line, file=sys.stderr))
+
+    def __call__(self, grads, grads_nat, grads_adv, alpha, percentile):
+        robust_ft.check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
+        if self.mismatch is not None or not _fused_path_applies([*grads, *grads_nat, *grads_adv]):
+            robust_ft.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+            self.path = self.path if self.mismatch is not None else "plain"
+            return
+        layout = (alpha, percentile, *((g.device, g.shape, g.stride(), g.dtype, gn.dtype, ga.dtype)
+                                       for g, gn, ga in zip(grads, grads_nat, grads_adv)))
+        if layout in self.checked:
+            _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
+            self.path = "fused"
+            return
+        reference = [[t.clone() for t in ts] for ts in (grads, grads_nat, grads_adv)]
+        robust_ft.rgp_mask_(*reference, alpha, percentile)
+        _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
+        for i, (g, ref) in enumerate(zip(grads, reference[0])):
+            differ = entries_differing(g, ref)
+            if differ:
+                self.mismatch = dict(tensor=i, shape=list(g.shape), entries=differ, numel=g.numel())
+                self.path = "plain after a fused mismatch"
+                self.log(f"kernels: the fused RGP mask differs from rgp_mask_ in tensor {i} "
+                         f"{tuple(g.shape)} in {differ} of {g.numel()} entries; using the plain path from now on")
+                for g_out, r in zip(grads, reference[0]):
+                    g_out.copy_(r)
+                return
+        self.checked.add(layout)
+        self.path = "fused"
+
+
+# =============================================================================
+# Ahead-of-time compilation (no GPU needed: Triton ships ptxas and cuobjdump)
+# =============================================================================
+
+# Argument types of both kernels (the constexprs are given per kernel below).
+KERNEL_SIGNATURE = {"chunk_ptr": "*i64", "seg_ptr": "*i64", "hist_ptr": "*i32", "num_segs": "i32",
+                    "a": "fp32", "b": "fp32"}
+
+
+def launched_kernels():
+    """The five kernels a call launches, as (name, jit function, constexprs): 4 passes, the mask."""
+    size = dict(CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE)
+    return ([(f"_rgp_hist_kernel[PASS={p}]", _rgp_hist_kernel, dict(PASS=p, **size)) for p in range(NUM_PASSES)]
+            + [("_rgp_mask_kernel", _rgp_mask_kernel, size)])
+
+
+def compile_kernel(fn, constexprs, capability, num_warps=8, enable_fp_fusion=False):
+    """triton.compile for CUDA sm_<capability>, launch options as `_launch_rgp_mask` uses them.
+
+    Works with Triton 3.0 (signature and constants keyed by argument index) and later (a
+    "constexpr" entry in the signature). Needs the plain JIT function: under TRITON_INTERPRET=1
+    the kernels are interpreted functions that cannot be compiled.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): compile in a process without it")
+    if "constexprs" in __import__("inspect").signature(ASTSource).parameters:
+        source = ASTSource(fn, {**KERNEL_SIGNATURE, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    else:
+        index = fn.arg_names.index
+        source = ASTSource(fn, {index(k): v for k, v in KERNEL_SIGNATURE.items()},
+                           constants={index(k): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, enable_fp_fusion=enable_fp_fusion))
+
+
+def resource_usage(cubin):
+    """(registers per thread, static shared memory in bytes) of a cubin, read by Triton's cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(part.split(":") for part in out.split("Function", 1)[1].split() if ":" in part)
+    return int(usage["REG"]), int(usage["SHARED"])
+
+
+def compile_report(capabilities=(80, 90)):
+    """Compile every launched kernel for each compute capability; per kernel and target: registers,
+    static and dynamic shared memory, whether the PTX holds an fp32 FMA (it must not: the score is
+    rounded after each operation), and the compile time."""
+    report = {}
+    for name, fn, constexprs in launched_kernels():
+        for capability in capabilities:
+            start = time.perf_counter()
+            kernel = compile_kernel(fn, constexprs, capability)
+            registers, shared_static = resource_usage(kernel.asm["cubin"])
+            report[f"{name}@sm_{capability}"] = dict(
+                registers=registers, shared_static_bytes=shared_static,
+                shared_dynamic_bytes=kernel.metadata.shared, ptx_fma_f32="fma.rn.f32" in kernel.asm["ptx"],
+                num_warps=kernel.metadata.num_warps, seconds=time.perf_counter() - start)
+    return report
 
 
 # =============================================================================
