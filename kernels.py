@@ -39,6 +39,7 @@ importing this module; that is how the tests exercise the kernels without a GPU)
 (no Triton, other dtypes, tensors of 2**31 elements or more) goes to `robust_ft.rgp_mask_`, so
 `import kernels` works without Triton.
 """
+import inspect
 import os
 import statistics
 import subprocess
@@ -429,20 +430,18 @@ def launched_kernels():
 def compile_kernel(fn, constexprs, capability, num_warps=8, enable_fp_fusion=False):
     """triton.compile for CUDA sm_<capability>, launch options as `_launch_rgp_mask` uses them.
 
-    Works with Triton 3.0 (signature and constants keyed by argument index) and later (a
-    "constexpr" entry in the signature). Needs the plain JIT function: under TRITON_INTERPRET=1
-    the kernels are interpreted functions that cannot be compiled.
+    Works with Triton before 3.3 (constexprs passed as `constants`) and after (as "constexpr"
+    entries of the signature and `constexprs`). Needs the plain JIT function: under
+    TRITON_INTERPRET=1 the kernels are interpreted functions that cannot be compiled.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): compile in a process without it")
-    if "constexprs" in __import__("inspect").signature(ASTSource).parameters:
+    if "constexprs" in inspect.signature(ASTSource).parameters:
         source = ASTSource(fn, {**KERNEL_SIGNATURE, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
     else:
-        index = fn.arg_names.index
-        source = ASTSource(fn, {index(k): v for k, v in KERNEL_SIGNATURE.items()},
-                           constants={index(k): v for k, v in constexprs.items()})
+        source = ASTSource(fn, dict(KERNEL_SIGNATURE), constants=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=num_warps, enable_fp_fusion=enable_fp_fusion))
 
