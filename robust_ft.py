@@ -14,11 +14,17 @@ Equation numbers refer to the CURE paper (Conserve-Update-Revise, "CURE"); RiFT 
 Every function takes explicit arguments; nothing here reads a global or parses a command line
 (`run.py` does that). The device always comes from the inputs.
 """
+import contextlib
 import copy
+import importlib
+import importlib.util
+import json
 import math
 import os
 import random
-import time
+import sys
+import types
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,6 +200,145 @@ def masked_parameters(model, exclude=()):
 def classifier_name(model):
     """Qualified name of the final Linear layer (`linear` or `fc`)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+# --- Models from the RobustBench zoo (optional: pip install -r requirements-zoo.txt) ------------------
+# RiFT is post hoc: its natural input is a published adversarially trained model. RobustBench's CIFAR
+# models take [0, 1] inputs and normalise inside, as this project's do, so every function below takes
+# them as they are, and RiFT ranks their Conv2d/Linear modules under their own names (RobustBench's
+# WideResNets: `block1.layer.3.conv2`, as the RiFT paper reports them).
+
+ROBUSTBENCH_CLASSES = {"cifar10": 10, "cifar100": 100}   # the zoos used here (L-inf threat model)
+
+
+class _MissingAutoAttack:
+    """Stands in for the official AutoAttack's classes while robustbench is imported (see below)."""
+
+    def __init__(self, *args, **kwargs):
+        raise ImportError("robustbench.eval needs the official AutoAttack package: "
+                          "pip install git+https://github.com/fra31/auto-attack")
+
+
+def _resource_filename(module, path):
+    """pkg_resources.resource_filename for an imported module: `path` next to its file."""
+    return os.path.join(os.path.dirname(sys.modules[module].__file__), path)
+
+
+def _importable(name):
+    """True when `import name` can succeed (a None entry in sys.modules blocks an import)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+@contextlib.contextmanager
+def _robustbench_stand_ins():
+    """For the import of robustbench only: stand-ins for the two modules robustbench 1.1.1 imports
+    but cannot count on, wherever one is missing.
+
+    Its __init__ imports `autoattack` (the official package, not on PyPI; only its `benchmark()` uses
+    it, which this project never calls) and `pkg_resources` (gone from setuptools >= 81; only its
+    ImageNet loader uses it). Each stand-in is removed afterwards (whatever sys.modules held before is
+    put back), so `autoattack_package()` still finds only what is really installed. The stand-in
+    for `autoattack` is deliberately not pyautoattack: robustbench, and `autoattack_one` once it is
+    importable as `autoattack`, would drive it with the official API's keywords, which it lacks.
+    """
+    stand_ins = {}
+    if not _importable("autoattack"):
+        for name in ("autoattack", "autoattack.state"):
+            stand_ins[name] = types.ModuleType(name)
+        stand_ins["autoattack"].AutoAttack = _MissingAutoAttack
+        stand_ins["autoattack.state"].EvaluationState = _MissingAutoAttack
+    if not _importable("pkg_resources"):
+        stand_ins["pkg_resources"] = types.ModuleType("pkg_resources")
+        stand_ins["pkg_resources"].resource_filename = _resource_filename
+    before = {name: sys.modules[name] for name in stand_ins if name in sys.modules}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+        sys.modules.update(before)
+
+
+def import_robustbench():
+    """The `robustbench` package, imported with the stand-ins above; an ImportError naming the install
+    command when it is not installed."""
+    if not _importable("robustbench"):
+        raise ImportError("RobustBench models need the robustbench package: pip install -r requirements-zoo.txt")
+    with _robustbench_stand_ins(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # pkg_resources' and torch.jit's deprecation notices
+        importlib.import_module("robustbench.utils")
+    return sys.modules["robustbench"]
+
+
+def robustbench_zoo(dataset):
+    """RobustBench's L-inf registry for `dataset` (a key of ROBUSTBENCH_CLASSES): {name: entry}, each
+    entry {"model": constructor of the architecture, "gdrive_id": where its checkpoint lives}."""
+    if dataset not in ROBUSTBENCH_CLASSES:
+        raise ValueError(f"unknown RobustBench dataset {dataset!r}; choose one of {list(ROBUSTBENCH_CLASSES)}")
+    zoo = import_robustbench().model_zoo
+    return zoo.model_dicts[zoo.enums.BenchmarkDataset(dataset)][zoo.enums.ThreatModel.Linf]
+
+
+def robustbench_entry(name, dataset):
+    """The registry entry of NAME in `dataset`'s L-inf zoo; a ValueError lists the zoo's names."""
+    zoo = robustbench_zoo(dataset)
+    if name not in zoo:
+        raise ValueError(f"unknown RobustBench model {name!r} ({dataset}, Linf); choose one of {list(zoo)}")
+    return zoo[name]
+
+
+def robustbench_architecture(name, dataset):
+    """NAME's architecture with fresh (random) weights, from RobustBench's registry, in eval mode:
+    nothing is read or downloaded. Load a state dict saved from NAME (e.g. by `run.py rift`) into it."""
+    return robustbench_entry(name, dataset)["model"]().eval()
+
+
+def robustbench_files(name, dataset, model_dir="models"):
+    """The checkpoint file(s) robustbench.utils.load_model reads for NAME, in RobustBench's layout
+    MODEL_DIR/<dataset>/Linf/NAME.pt (ensembles: NAME.pt_m0.pt, NAME.pt_m1.pt, ...); [] for the
+    entries timm fetches from the Hugging Face hub itself."""
+    gdrive_id = robustbench_entry(name, dataset)["gdrive_id"]
+    path = os.path.join(model_dir, dataset, "Linf", f"{name}.pt")
+    if isinstance(gdrive_id, list):
+        return [f"{path}_m{i}.pt" for i in range(len(gdrive_id))]
+    return [] if gdrive_id is None else [path]
+
+
+def _first_line(error):
+    """`TypeName: first line of the message` (cut at 120 characters), for one-line errors."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_robustbench_model(name, dataset, model_dir="models"):
+    """NAME from RobustBench's L-inf zoo for `dataset`, in eval mode, by robustbench.utils.load_model.
+
+    The checkpoint is read from `robustbench_files` when it is there (nothing is downloaded), else
+    robustbench downloads it there; when that fails (no network), a FileNotFoundError says which file
+    to put where. Zoo models take [0, 1] inputs and normalise inside, like `build_model`'s.
+    """
+    files = robustbench_files(name, dataset, model_dir)              # also checks the name
+    load_model = import_robustbench().utils.load_model
+    try:
+        with contextlib.redirect_stdout(sys.stderr):                  # its download notices are not our output
+            return load_model(name, model_dir, dataset, "Linf").eval()
+    except Exception as e:            # gdown, requests, timm and torch.load fail in many types
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(
+                f"RobustBench model {name!r}: {', '.join(missing)} does not exist and downloading it failed "
+                f"({_first_line(e)}); put the checkpoint file there (RobustBench's layout "
+                f"MODEL_DIR/{dataset}/Linf/{name}.pt)") from None
+        if not files:
+            raise RuntimeError(f"RobustBench model {name!r} is fetched by timm from the Hugging Face hub and "
+                               f"that failed ({_first_line(e)}); run once with network access") from None
+        raise RuntimeError(f"RobustBench model {name!r}: could not load {', '.join(files)} "
+                           f"({_first_line(e)})") from None
 
 
 # =============================================================================
@@ -646,17 +791,6 @@ class Revision:
 def revision_rate(rate, progress):
     """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1)."""
     return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
-
-
-def rgp_mask_for(device):
-    """The RGP mask to use on `device`: the fused Triton kernels on CUDA, `rgp_mask_` elsewhere."""
-    if torch.device(device).type == "cuda":
-        try:
-            import kernels
-            return kernels.fused_rgp_mask_
-        except ImportError:  # kernels.py or triton missing: the plain path gives the same mask
-            pass
-    return rgp_mask_
 
 
 def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
@@ -1252,27 +1386,97 @@ EVAL_ATTACKS = {  # name -> PGD arguments (spec: step 2/255, random start; CW = 
 }
 
 
-def autoattack_available():
-    """True when the official `autoattack` package (or PyPI's `pyautoattack`) can be imported."""
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")   # Croce & Hein 2020, version "standard"
+
+
+def autoattack_package():
+    """Name of the importable AutoAttack package: "autoattack" (the official one, installed from
+    GitHub) or "pyautoattack" (its PyPI release); None when neither imports."""
     for name in ("autoattack", "pyautoattack"):
         try:
             __import__(name)
-            return True
+            return name
         except ImportError:
             pass
-    return False
+    return None
 
 
-def autoattack_correct(model, x, y, eps, batch_size):
-    """Per-example correctness under AutoAttack (standard, L-inf)."""
-    try:
+def autoattack_available():
+    """True when an AutoAttack package can be imported (see `autoattack_package`)."""
+    return autoattack_package() is not None
+
+
+def autoattack_one(model, x, y, eps, attack, seed=0, batch_size=256):
+    """Adversarial examples of one attack of AutoAttack's standard L-inf ensemble.
+
+    Drives whichever package imports through its own API (the two differ in keyword names and
+    return values). The attack keeps its standard-version settings; inputs are made contiguous
+    (pyautoattack's APGD-T calls .view on the input gradient) and the device is x's.
+    """
+    if attack not in AUTOATTACK_STANDARD:
+        raise ValueError(f"unknown AutoAttack attack {attack!r}; choose one of {list(AUTOATTACK_STANDARD)}")
+    package = autoattack_package()
+    if package is None:
+        raise ImportError("AutoAttack is not installed: pip install pyautoattack")
+    x, y = x.contiguous(), y.contiguous()
+    if package == "autoattack":
         from autoattack import AutoAttack
-    except ImportError:
-        from pyautoattack import AutoAttack
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False)
-    x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
-    with torch.no_grad():
-        return model(x_adv).argmax(1) == y
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, verbose=False,
+                               device=x.device)
+        adversary.attacks_to_run = [attack]
+        return adversary.run_standard_evaluation(x, y, bs=batch_size)
+    from pyautoattack import AutoAttack
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+    adversary.attacks_to_run = [attack]
+    return adversary.run_standard_evaluation(x, y, batch_size=batch_size)[0]
+
+
+def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None):
+    """Per-example correctness (bool, (N,)) under AutoAttack, standard version, L-inf.
+
+    The four attacks run in order, each only on the examples that every earlier one failed to
+    fool, as AutoAttack's standard version does. With `state_path` the flags are saved (JSON,
+    atomically) after every batch, and a call with the same path continues an interrupted run
+    where it stopped. (pyautoattack 0.2.0's own `state_path` cannot resume: its restore branch
+    leaves `y_adv` unbound.) The model must be in eval mode.
+    """
+    n, device = len(y), y.device
+    fresh = dict(n=n, eps=eps, seed=seed, labels=y.tolist(), done=[], pending=None, flags=None)
+    state = fresh
+    if state_path is not None and os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+        if any(state.get(k) != fresh[k] for k in ("n", "eps", "seed", "labels")):
+            raise ValueError(f"AutoAttack state {state_path!r} belongs to another evaluation "
+                             f"(examples, eps or seed differ); delete it to start over")
+
+    def save():
+        if state_path is not None:
+            save_json(state_path, state)
+
+    if state["flags"] is None:
+        with torch.no_grad():
+            state["flags"] = torch.cat([model(xb).argmax(1) == yb for xb, yb in
+                                        zip(x.split(batch_size), y.split(batch_size))]).tolist()
+        save()
+    flags = torch.tensor(state["flags"], dtype=torch.bool, device=device)
+    for attack in AUTOATTACK_STANDARD:
+        if attack in state["done"]:
+            continue
+        if state["pending"] is None:       # this attack starts: every example still robust
+            state["pending"] = flags.nonzero().flatten().tolist()
+        while state["pending"]:
+            idx = torch.tensor(state["pending"][:batch_size], device=device)
+            x_adv = autoattack_one(model, x[idx], y[idx], eps, attack, seed, batch_size)
+            check_adversarial(x_adv, x[idx], eps)
+            with torch.no_grad():
+                flags[idx] &= model(x_adv).argmax(1) == y[idx]
+            state["flags"], state["pending"] = flags.tolist(), state["pending"][batch_size:]
+            save()
+        state["done"].append(attack)
+        state["pending"] = None
+        save()
+    return flags
 
 
 def check_adversarial(x_adv, x, eps):
@@ -1282,37 +1486,85 @@ def check_adversarial(x_adv, x, eps):
     assert x_adv.min() >= 0 and x_adv.max() <= 1, "adversarial examples leave [0, 1]"
 
 
+def percent(count, n):
+    """100 * count / n from integers: 94.0, not float32's 93.99999976158142."""
+    return 100 * int(count) / n if n else float("nan")
+
+
 def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, batch_size=256,
-             autoattack=False, progress=None):
+             autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None):
     """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
-    worst case over every attack run. `attacks` are names from EVAL_ATTACKS. Also returns "n"."""
+    worst case over every attack that covered the whole split.
+
+    `attacks` are names from EVAL_ATTACKS; each runs over the whole split before the next, and
+    `on_result(result)` is called with the result so far after each, so a caller can save it.
+    AutoAttack (standard, L-inf; see `autoattack_correct`, `aa_state_path` resumes it) runs last,
+    on the first `aa_size` examples (all if None): "autoattack", with "n_autoattack" images. An
+    attack that raises is recorded in "failed" ({name: "Type: message"}) and the others still run;
+    "robust" then covers the attacks that finished. Accuracies are 100 * count / n from the
+    integer "counts"; "n" is the split's size.
+    """
     unknown = [a for a in attacks if a not in EVAL_ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(EVAL_ATTACKS)}")
+    if aa_size is not None and aa_size < 1:
+        raise ValueError(f"aa_size={aa_size!r} must be >= 1 (or None for the whole split)")
     was_training = model.training
     model.eval()
-    correct = {name: [] for name in ("clean", *attacks)}
-    n_batches = math.ceil(len(split) / batch_size)
-    for i, (x, y) in enumerate(batches(split, batch_size)):
-        with torch.no_grad():
-            correct["clean"].append(model(x).argmax(1) == y)
-        for name in attacks:
-            x_adv = pgd(model, x, y, eps, step_size, **EVAL_ATTACKS[name])
-            check_adversarial(x_adv, x, eps)
-            with torch.no_grad():
-                correct[name].append(model(x_adv).argmax(1) == y)
+    n = len(split)
+    result = {"n": n, "counts": {}}
+    worst = None                                    # per-example AND over the finished attacks
+    total = math.ceil(n / batch_size) * (1 + len(attacks))
+    done = 0
+
+    def record(name, correct):
+        nonlocal worst
+        result["counts"][name] = int(correct.sum())
+        result[name] = percent(correct.sum(), len(correct))
+        if name != "clean" and len(correct) == n:
+            worst = correct if worst is None else worst & correct
+            result["robust"] = percent(worst.sum(), n)
+
+    def tick():
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress(i + 1, n_batches)
-    if autoattack:
-        x_all, y_all = next(batches(split, len(split)))
-        correct["autoattack"] = [autoattack_correct(model, x_all, y_all, eps, batch_size)]
-    model.train(was_training)
-    per_example = {k: torch.cat(v) for k, v in correct.items()}
-    result = {"n": len(split)}
-    result.update({k: 100.0 * v.float().mean().item() for k, v in per_example.items()})
-    adversarial = [v for k, v in per_example.items() if k != "clean"]
-    if adversarial:
-        result["robust"] = 100.0 * torch.stack(adversarial).all(0).float().mean().item()
+            progress(done, total)
+
+    try:
+        for name in ("clean", *attacks):
+            try:
+                correct = []
+                for x, y in batches(split, batch_size):
+                    if name != "clean":
+                        x_adv = pgd(model, x, y, eps, step_size, **EVAL_ATTACKS[name])
+                        check_adversarial(x_adv, x, eps)
+                        x = x_adv
+                    with torch.no_grad():
+                        correct.append(model(x).argmax(1) == y)
+                    tick()
+                record(name, torch.cat(correct))
+                if name == "clean":
+                    clean = torch.cat(correct)
+            except Exception as e:                  # keep what finished; name what failed
+                result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+            if on_result is not None:
+                on_result(result)
+        if autoattack:
+            try:
+                part = split if aa_size is None or aa_size >= n else split.subset(slice(0, aa_size))
+                x_all, y_all = next(batches(part, len(part)))
+                record("autoattack", autoattack_correct(model, x_all, y_all, eps, batch_size, seed,
+                                                        aa_state_path))
+                result["n_autoattack"] = len(part)
+                if len(part) < n and "clean" in result["counts"]:   # for NRR against AA on the same images
+                    result["clean_autoattack"] = percent(clean[:len(part)].sum(), len(part))
+            except Exception as e:
+                result.setdefault("failed", {})["autoattack"] = f"{type(e).__name__}: {e}"
+            if on_result is not None:
+                on_result(result)
+    finally:
+        model.train(was_training)
     return result
 
 
@@ -1348,8 +1600,20 @@ def save_checkpoint(path, **state):
             os.remove(tmp)
 
 
-def load_state_dict_checked(model, state_dict, source="checkpoint"):
-    """Load weights, turning an architecture mismatch into a one-line ValueError."""
+def save_json(path, obj):
+    """json.dump to `path` atomically (temporary file, then rename), like `save_checkpoint`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_state_dict_checked(model, state_dict, source="checkpoint", hint="check --model and --width"):
+    """Load weights, turning an architecture mismatch into a one-line ValueError that ends with `hint`."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -1358,5 +1622,5 @@ def load_state_dict_checked(model, state_dict, source="checkpoint"):
         detail = (f"missing {missing[:3]}" if missing else
                   f"unexpected {unexpected[:3]}" if unexpected else
                   f"shape of {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
-        raise ValueError(f"{source} does not fit this model ({detail}); check --model and --width")
+        raise ValueError(f"{source} does not fit this model ({detail}); {hint}")
     model.load_state_dict(state_dict)

@@ -9,6 +9,7 @@ Examples:
     python run.py cure cifar10                          # the paper's CURE run (GPU)
     python run.py trades synthetic --preset quick       # the same pipeline, CPU-sized
     python run.py eval cifar10 --init runs/cure_cifar10_resnet18/checkpoint.pt
+    python run.py rift cifar10 --init robustbench:Wong2020Fast   # a RobustBench model (requirements-zoo.txt)
     python run.py bench step
 
 Every run writes to its run directory (--out): config.json, checkpoint.pt (atomically, every
@@ -18,18 +19,19 @@ JSON object on the last line of stdout. Bad input exits with code 2 and a one-li
 import argparse
 import copy
 import json
-import math
 import os
 import platform
+import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import robust_ft as rf
 
 METHODS = ("natural", "at", "trades", "cure", "rift", "eval", "bench", "compare")
-BENCHES = ("step", "mask")
+BENCHES = ("step", "mask", "report")
 COMPARE_METHODS = ("at", "trades", "cure")
 
 # Presets: `paper` is the papers' setting; `quick` is the same pipeline sized for a 2-core CPU.
@@ -44,7 +46,8 @@ PRESETS = {
         test_size=None,                # evaluate on the full test split
         epoch_eval_size=1000,          # per-epoch clean/PGD-20 on this many validation images
         attack_steps=10,               # training attack: PGD-10, step eps/4 (spec)
-        attacks="pgd20,pgd100,cw",     # final evaluation (+ AutoAttack when installed)
+        attacks="pgd20,pgd100,cw",     # final evaluation, then AutoAttack (standard) ...
+        aa_size=None,                  # ... on the whole test split
         rift_epochs=10,                # RiFT fine-tuning: 10 epochs, lr 1e-3 (/10 after 5)
         mrc_size=1000,                 # adversarial training examples for MRC
     ),
@@ -55,11 +58,12 @@ PRESETS = {
         train_size=5000, val_size=500, test_size=1000, epoch_eval_size=500,
         attack_steps=5,                # PGD-5 (step 2/255) training attack to fit the CPU budget
         attacks="pgd20,cw", rift_epochs=4, mrc_size=256,
+        aa_size=200,                   # AutoAttack on the first 200 test images (see README for its time)
     ),
 }
 SYNTHETIC_QUICK = dict(  # synthetic + quick: about a minute on a 2-core CPU
     width=8, epochs=3, natural_epochs=3, batch_size=32, train_size=800, val_size=200,
-    test_size=100, epoch_eval_size=64, attack_steps=3, rift_epochs=2, mrc_size=64)
+    test_size=100, epoch_eval_size=64, attack_steps=3, rift_epochs=2, mrc_size=64, aa_size=32)
 WEIGHT_DECAY = {  # per method, from each method's paper / official code
     "natural": 5e-4, "at": 5e-4,       # Rice et al. 2020
     "trades": 2e-4,                    # TRADES official code
@@ -103,14 +107,26 @@ def parse_args(argv):
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images")
     p.add_argument("--attacks", help="final evaluation attacks, comma-separated: " + ",".join(rf.EVAL_ATTACKS))
     p.add_argument("--autoattack", action=argparse.BooleanOptionalAction, default=None,
-                   help="run AutoAttack in the final evaluation (default: when installed, paper preset)")
+                   help="run AutoAttack (standard, L-inf) in the final evaluation (default: on when installed)")
+    p.add_argument("--aa-size", type=int, help="AutoAttack on the first N test images (default: all; quick: 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="model and gradients in channels_last memory format (default: on CUDA)")
+    p.add_argument("--amp", default="none", help="none | bf16: bf16 autocast for the training forwards and "
+                   "the training attack (parameters, gradients, the RGP score and evaluation stay float32)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: TF32 for convolutions and matmuls (default on)")
     p.add_argument("--data-dir", default="data", help="dataset root (torchvision download / ImageFolder)")
     p.add_argument("--holdout-per-class", type=int, default=500,
                    help="folder datasets without test/: images per class held out as the test split")
     p.add_argument("--out", help="run directory (default runs/METHOD_DATASET_MODEL)")
-    p.add_argument("--init", help="start from this checkpoint's weights")
+    p.add_argument("--init", help="start from this checkpoint's weights; eval/rift: robustbench:NAME for a "
+                   "RobustBench model (CIFAR-10/100, Linf)")
+    p.add_argument("--model-dir", default="models",
+                   help="RobustBench checkpoints, in its layout DIR/<dataset>/Linf/NAME.pt (default ./models)")
+    p.add_argument("--init-weights", help="with --init robustbench:NAME: these weights (a state dict saved from "
+                   "NAME, e.g. a rift run's OUT/model.pt) in NAME's architecture, instead of the zoo's checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     # RiFT
     p.add_argument("--module", help="RiFT: fine-tune this module (skips MRC)")
@@ -149,12 +165,17 @@ def resolve(args):
             setattr(args, key, value)
     if args.model not in rf.MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose one of {sorted(rf.MODELS)}")
+    args.zoo = check_zoo(args)
     if args.eps < 0:
         raise UsageError(f"--eps {args.eps} must be >= 0 (pixel units /255, e.g. 8)")
-    for name in ("epochs", "batch_size", "width", "train_size", "test_size", "val_size"):
+    for name in ("epochs", "batch_size", "width", "train_size", "test_size", "val_size", "aa_size"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "val_size" else 1):
             raise UsageError(f"--{name.replace('_', '-')} {v} must be positive")
+    if not 0 < args.revision_rate <= 1:
+        raise UsageError(f"--revision-rate {args.revision_rate} must be in (0, 1]")
+    if not 0 <= args.revision_decay < 1:
+        raise UsageError(f"--revision-decay {args.revision_decay} must be in [0, 1)")
     if not 0 <= args.warmup_epochs < max(args.epochs, 1):
         raise UsageError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs={args.epochs})")
     attacks = [a for a in args.attacks.split(",") if a]
@@ -162,21 +183,28 @@ def resolve(args):
     if bad:
         raise UsageError(f"unknown attack {bad[0]!r}; choose from {sorted(rf.EVAL_ATTACKS)}")
     args.attacks = attacks
-    if args.autoattack is None:
-        args.autoattack = args.preset == "paper" and rf.autoattack_available()
+    if args.autoattack is None:                # on by default, in both presets (quick: on a subset)
+        args.autoattack = rf.autoattack_available()
+        if not args.autoattack and args.method not in ("bench", "natural"):
+            print("run.py: AutoAttack is not installed (pip install pyautoattack): evaluating without it",
+                  file=sys.stderr)
     elif args.autoattack and not rf.autoattack_available():
-        raise UsageError("--autoattack needs the `autoattack` package: pip install "
-                         "git+https://github.com/fra31/auto-attack (or `pip install pyautoattack`)")
+        raise UsageError("--autoattack needs an AutoAttack package: pip install pyautoattack "
+                         "(or the official one: pip install git+https://github.com/fra31/auto-attack)")
     args.weight_decay_given, args.beta_given = args.weight_decay, args.beta   # compare's stages need them
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY.get(args.method, 5e-4)
     if args.beta is None:
         args.beta = 1.0 if args.method == "cure" else 6.0
+    if args.amp not in ("none", "bf16"):
+        raise UsageError(f"unknown --amp {args.amp!r}; choose one of ['none', 'bf16']")
+    if args.channels_last is None:
+        args.channels_last = torch.device(args.device).type == "cuda"
     if args.mrc_variant not in ("paper", "official"):
         raise UsageError(f"unknown --mrc-variant {args.mrc_variant!r}; choose one of ['paper', 'official']")
     if args.out is None:
         args.out = os.path.join("runs", f"{args.method}_{args.dataset}" +
-                                ("" if args.method == "bench" else f"_{args.model}"))
+                                ("" if args.method == "bench" else f"_{args.zoo or args.model}"))
     args.eps_px = args.eps / 255          # divided by 255 once, here
     args.step_px = args.eps_px / 4        # training attack step eps/4 (spec)
     return args
@@ -203,13 +231,6 @@ class Progress:
         print(f"\r{self.label} [{i}/{n}] {elapsed:.0f}s, ETA {eta:.0f}s   ", end=end, file=sys.stderr, flush=True)
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -223,12 +244,65 @@ def versions():
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()}
 
 
+def failures(metrics):
+    """(evaluation, attack, message) for every attack that raised, in every evaluation of a run."""
+    evaluations = {id(v): (k, v) for k, v in reversed(metrics.items()) if isinstance(v, dict)}  # rift: test is after
+    return [(key, name, msg) for key, value in evaluations.values() for name, msg in value.get("failed", {}).items()]
+
+
 def finish(args, metrics):
-    """Write OUT/metrics.json and print the same object as the last stdout line."""
+    """Write OUT/metrics.json and print the same object as the last stdout line.
+
+    If an attack failed, the metrics (with the others' results) are still written and printed,
+    each failure is named in one line on stderr, and the exit code is 1.
+    """
     os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    rf.save_json(os.path.join(args.out, "metrics.json"), metrics)
     print(json.dumps(metrics))
+    failed = failures(metrics)
+    for key, name, msg in failed:
+        print(f"run.py: error: {name} failed in the {key} evaluation ({msg}); the other results are in "
+              f"{os.path.join(args.out, 'metrics.json')}", file=sys.stderr)
+    if failed:
+        sys.exit(1)
     return metrics
+
+
+def evaluate_into(args, metrics, key, model, split, autoattack=False):
+    """metrics[key] = the evaluation of `model` on `split` (with NRR), saved as each attack finishes.
+
+    After every attack, metrics.json is rewritten with `"status": "evaluating"` and one line goes to
+    log.jsonl, so a crash loses nothing that finished; AutoAttack keeps its per-batch state in
+    OUT/autoattack_KEY.json, so a rerun continues it.
+    """
+    os.makedirs(args.out, exist_ok=True)
+    logged, last = set(), [time.time()]
+
+    def on_result(partial):
+        metrics[key] = with_nrr(dict(partial))
+        rf.save_json(os.path.join(args.out, "metrics.json"), dict(metrics, status="evaluating"))
+        now = time.time()
+        for name in [*partial["counts"], *partial.get("failed", {})]:
+            if name in logged:
+                continue
+            logged.add(name)
+            n = partial.get("n_autoattack", partial["n"]) if name == "autoattack" else partial["n"]
+            line = dict(evaluation=key, attack=name, n=n, seconds=now - last[0])
+            if name in partial.get("failed", {}):
+                line["failed"] = partial["failed"][name]
+                print(f"{key}: {name} FAILED: {line['failed']}", file=sys.stderr)
+            else:
+                line["accuracy"] = partial[name]
+                print(f"{key}: {name} {partial[name]:.2f}% (n={n}, {line['seconds']:.0f}s)", file=sys.stderr)
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
+        last[0] = now
+
+    result = rf.evaluate(model, split, args.attacks, args.eps_px, autoattack=autoattack, aa_size=args.aa_size,
+                         aa_state_path=os.path.join(args.out, f"autoattack_{key}.json"), seed=args.seed,
+                         progress=Progress(f"{key}"), on_result=on_result)
+    metrics[key] = with_nrr(result)
+    return metrics[key]
 
 
 # -----------------------------------------------------------------------------
@@ -248,23 +322,132 @@ def setup_data(args):
     return data, train.to(dev), val.to(dev), test.to(dev)
 
 
-def load_weights(path, model):
+def load_weights(path, model, option="--init", hint="check --model and --width"):
+    """A run's checkpoint.pt (its "model" entry) or a plain state dict from `path` into `model`."""
     if not os.path.isfile(path):
-        raise UsageError(f"--init {path!r}: no such checkpoint file")
+        raise UsageError(f"{option} {path!r}: no such checkpoint file")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
     try:
-        rf.load_state_dict_checked(model, state, source=f"checkpoint {path!r}")
+        rf.load_state_dict_checked(model, state, source=f"checkpoint {path!r}", hint=hint)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ckpt
 
 
 def setup_model(args, data):
-    model = rf.build_model(args.model, data.num_classes, args.width, data.mean, data.std)
-    if args.init:
-        load_weights(args.init, model)
-    return model.to(args.device)
+    if args.zoo:
+        model = zoo_model(args, data)
+    else:
+        model = rf.build_model(args.model, data.num_classes, args.width, data.mean, data.std)
+        if args.init:
+            load_weights(args.init, model)
+    model = model.to(args.device)
+    # channels_last weights make cuDNN pick NHWC kernels (faster with tensor cores) and give
+    # channels_last gradients, which the fused RGP mask reads as they are (no copies)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+# --- RobustBench models: --init robustbench:NAME (eval and rift) -------------------------------------
+
+ZOO_PREFIX = "robustbench:"
+ZOO_DATASETS = ("cifar10", "cifar100", "folder", "synthetic")   # folder, synthetic: when the class counts match
+
+
+def check_zoo(args):
+    """--init robustbench:NAME: the checks that need no data. Returns NAME, or None for a file --init."""
+    if not (args.init or "").startswith(ZOO_PREFIX):
+        if args.init_weights:
+            raise UsageError("--init-weights needs --init robustbench:NAME (a checkpoint of this project's "
+                             "models goes in --init itself)")
+        return None
+    name = args.init[len(ZOO_PREFIX):]
+    if args.method not in ("eval", "rift"):
+        raise UsageError(f"--init {args.init!r} works with eval and rift, not {args.method!r}")
+    if args.dataset not in ZOO_DATASETS:
+        raise UsageError(f"--init {args.init!r} needs a dataset in {list(ZOO_DATASETS)}, not {args.dataset!r}")
+    zoos = [args.dataset] if args.dataset in rf.ROBUSTBENCH_CLASSES else list(rf.ROBUSTBENCH_CLASSES)
+    try:
+        if not any(name in rf.robustbench_zoo(d) for d in zoos):
+            rf.robustbench_entry(name, zoos[0])          # raises, naming the zoo's models
+    except (ImportError, ValueError) as e:               # not installed, or an unknown NAME
+        raise UsageError(str(e)) from None
+    return name
+
+
+def zoo_dataset(args, num_classes):
+    """The RobustBench zoo NAME comes from: the dataset's own for cifar10 and cifar100; for folder and
+    synthetic data, the zoo (CIFAR-10 or CIFAR-100) holding NAME whose class count is the data's."""
+    if args.dataset in rf.ROBUSTBENCH_CLASSES:
+        return args.dataset
+    holding = [d for d in rf.ROBUSTBENCH_CLASSES if args.zoo in rf.robustbench_zoo(d)]
+    for d in holding:
+        if rf.ROBUSTBENCH_CLASSES[d] == num_classes:
+            return d
+    counts = " or ".join(f"{rf.ROBUSTBENCH_CLASSES[d]} ({d})" for d in holding)
+    raise UsageError(f"--init {args.init!r} has {counts} classes, the {args.dataset} data has {num_classes}")
+
+
+def zoo_model(args, data):
+    """--init robustbench:NAME: the zoo model, with its checkpoint from --model-dir (downloaded there
+    when missing and online) or with --init-weights in its architecture. Sets args.zoo_dataset."""
+    args.zoo_dataset = zoo_dataset(args, data.num_classes)
+    if args.init_weights:
+        model = rf.robustbench_architecture(args.zoo, args.zoo_dataset)
+        load_weights(args.init_weights, model, "--init-weights", hint=f"it must be a state dict of {args.init}")
+        return model
+    return rf.load_robustbench_model(args.zoo, args.zoo_dataset, args.model_dir)
+
+
+def model_record(args):
+    """The model fields of metrics.json: this project's model and width, or the zoo model and the
+    file its weights came from."""
+    if not args.zoo:
+        return dict(model=args.model, width=args.width)
+    weights = args.init_weights or ", ".join(rf.robustbench_files(args.zoo, args.zoo_dataset, args.model_dir))
+    return dict(model=args.init, width=None, weights=weights)
+
+
+def setup_device(args):
+    """The GPU settings that keep the method exact: cuDNN autotuning and TF32 (10-bit mantissa
+    inputs, float32 accumulation) for convolutions and matmuls on CUDA. Returns them for the record."""
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    return dict(cudnn_benchmark=cuda, tf32=cuda and args.tf32, channels_last=args.channels_last, amp=args.amp)
+
+
+def mask_function(device):
+    """CURE's RGP mask on `device`: on CUDA the fused Triton kernels, checked against the plain path
+    on first use (`kernels.CheckedFusedMask`, which falls back by itself); elsewhere `rf.rgp_mask_`."""
+    if torch.device(device).type == "cuda":
+        import kernels
+        return kernels.CheckedFusedMask()
+    return rf.rgp_mask_
+
+
+def mask_path(mask_fn):
+    """Which mask path ran: "fused", "plain" or "plain after a fused mismatch"."""
+    return getattr(mask_fn, "path", None) or "plain"
+
+
+def autocast(amp, device):
+    """bf16 autocast on `device` when amp == "bf16" (else a context that does nothing): the forwards,
+    and so the training attack, run in bf16; parameters, their gradients and the optimiser stay float32."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def with_amp(step, amp, device):
+    """`step` under `autocast(amp, device)`."""
+    if amp == "none":
+        return step
+
+    def step_bf16(model, optimizer, x, y):
+        with autocast(amp, device):
+            return step(model, optimizer, x, y)
+    return step_bf16
 
 
 # -----------------------------------------------------------------------------
@@ -310,7 +493,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise UsageError(f"{out!r} already holds a run; pass --resume to continue it or choose another --out")
-    write_json(os.path.join(out, "config.json"), config_record(args, method))
+    rf.save_json(os.path.join(out, "config.json"), config_record(args, method))
     torch.manual_seed(args.seed)
     model = init_model if init_model is not None else setup_model(args, data)
     epochs = args.epochs if method != "natural" or args.method == "natural" else args.natural_epochs
@@ -322,11 +505,11 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     cure_state = None
     if method == "cure":
         cfg = cure_config(args, model)
-        total = epochs * steps_per_epoch
+        total = (epochs - args.warmup_epochs) * steps_per_epoch       # CURE steps: r_t reaches r/10 at the end
         decay = rf.revision_decay(cfg.decay, cfg.rate, (epochs - args.warmup_epochs) * steps_per_epoch)
         cure_state = dict(cfg=cfg, revision=rf.Revision(model), decay=decay, step=0, total_steps=total,
                           generator=torch.Generator().manual_seed(args.seed + 1),
-                          mask_fn=rf.rgp_mask_for(args.device), updated={})
+                          mask_fn=mask_function(args.device), updated={})
         print(f"CURE: p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
               f"r={cfg.rate} d={decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
     record = dict(log=[], epoch_seconds=[], best=None)
@@ -350,7 +533,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         t0 = time.time()
         lr = rf.step_lr(args.lr, epoch, epochs)
         warm = method == "cure" and epoch < args.warmup_epochs               # CURE-Eff warm-up
-        fn = rf.natural_step if warm else step_fn
+        fn = with_amp(rf.natural_step if warm else step_fn, args.amp, args.device)
         if cure_state is not None:
             cure_state["updated"] = {}
         loss = rf.train_epoch(model, optimizer, fn, train_split, args.batch_size, lr, generator,
@@ -386,41 +569,46 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
                          revision_updates=cure_state["revision"].updates,
                          revision_generator=cure_state["generator"].get_state(), cure_step=cure_state["step"])
         rf.save_checkpoint(ckpt_path, **state)
+    # which RGP mask path ran in this process (CURE only): fused, plain, or plain after a mismatch
+    record["mask_path"] = mask_path(cure_state["mask_fn"]) if cure_state else None
     return model, (cure_state["revision"] if cure_state else None), record
 
 
 def config_record(args, method):
     cfg = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    cfg.update(method=method, versions=versions())
+    cfg.update(method=method, versions=versions(), device_settings=args.device_settings)
     return cfg
 
 
 def final_metrics(args, model, test, record, method, revision=None):
-    """Evaluate the last and the best-on-validation model on the test split."""
-    autoattack = args.autoattack
-    prog = Progress(f"test {method}")
-    last = rf.evaluate(model, test, args.attacks, args.eps_px, autoattack=autoattack, progress=prog)
+    """Evaluate the last model (with AutoAttack when on), the best-on-validation one and CURE's
+    revision model on the test split, saving metrics.json as each attack finishes."""
+    best = record.get("best")
     metrics = dict(method=method, dataset=args.dataset, model=args.model, width=args.width,
                    epochs=len(record["log"]), device=str(args.device), preset=args.preset, seed=args.seed,
                    seconds_per_epoch=sum(record["epoch_seconds"]) / max(1, len(record["epoch_seconds"])),
-                   test=with_nrr(last))
-    best = record.get("best")
+                   train_seconds=sum(record["epoch_seconds"]), mask_path=record.get("mask_path"),
+                   device_settings=args.device_settings)
+    if best is not None:
+        metrics["best_epoch"] = best["epoch"]
+    evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
     if best is not None and best["epoch"] != len(record["log"]):
         selected = copy.deepcopy(model)
         selected.load_state_dict(best["model"])
-        metrics["test_best"] = with_nrr(rf.evaluate(selected, test, args.attacks, args.eps_px))
-    if best is not None:
-        metrics["best_epoch"] = best["epoch"]
+        evaluate_into(args, metrics, "test_best", selected, test)
     if revision is not None:
-        metrics["test_revision"] = with_nrr(rf.evaluate(revision.model, test, args.attacks, args.eps_px))
+        evaluate_into(args, metrics, "test_revision", revision.model, test)
     return metrics
 
 
 def with_nrr(result):
-    """Add NRR (Eq. 9) with the robust column the paper uses (CW when run, else the worst case)."""
+    """Add NRR (Eq. 9) with the robust column the paper uses (CW when run, else the worst case),
+    and "nrr_autoattack" against AutoAttack (Tables 7-8), with the clean accuracy of the same images."""
     rob = result.get("cw", result.get("robust"))
-    if rob is not None:
+    if rob is not None and "clean" in result:
         result["nrr"] = rf.nrr(result["clean"], rob)
+    if "autoattack" in result:
+        result["nrr_autoattack"] = rf.nrr(result.get("clean_autoattack", result["clean"]), result["autoattack"])
     return result
 
 
@@ -449,20 +637,19 @@ def cmd_train(args):
             args.resume = resume
     model, revision, record = train(args, args.method, data, train_split, val, test, args.out, model)
     metrics = final_metrics(args, model, test, record, args.method, revision)
-    metrics["train_seconds"] = sum(record["epoch_seconds"])
     metrics["wall_seconds"] = time.time() - start   # this invocation (a resumed run: since resuming)
     return finish(args, metrics)
 
 
 def cmd_eval(args):
     if not args.init:
-        raise UsageError("eval needs --init CKPT (the checkpoint to evaluate)")
+        raise UsageError("eval needs --init CKPT or --init robustbench:NAME (the model to evaluate)")
     data, _, _, test = setup_data(args)
     model = setup_model(args, data)
-    result = with_nrr(rf.evaluate(model, test, args.attacks, args.eps_px, autoattack=args.autoattack,
-                                  progress=Progress("eval")))
-    return finish(args, dict(method="eval", checkpoint=args.init, dataset=args.dataset, model=args.model,
-                             width=args.width, device=str(args.device), test=result))
+    metrics = dict(method="eval", checkpoint=args.init, dataset=args.dataset, **model_record(args),
+                   device=str(args.device))
+    evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
+    return finish(args, metrics)
 
 
 # -----------------------------------------------------------------------------
@@ -472,13 +659,13 @@ def cmd_eval(args):
 def cmd_rift(args):
     start = time.time()
     if not args.init:
-        raise UsageError("rift needs --init CKPT (an AT, TRADES or CURE checkpoint)")
+        raise UsageError("rift needs --init CKPT (an AT, TRADES or CURE checkpoint) or --init robustbench:NAME")
     data, train_split, val, test = setup_data(args)
     model = setup_model(args, data).eval()
     candidates = rf.rift_modules(model)
     eps, step = args.eps_px, args.step_px
-    result = dict(method="rift", checkpoint=args.init, dataset=args.dataset, model=args.model,
-                  width=args.width, device=str(args.device))
+    result = dict(method="rift", checkpoint=args.init, dataset=args.dataset, **model_record(args),
+                  device=str(args.device))
     if args.module is not None:
         if args.module not in candidates:
             raise UsageError(f"unknown module {args.module!r}; choose one of {candidates}")
@@ -523,21 +710,23 @@ def cmd_rift(args):
     probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
     cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, (1, 2, 3, 4, 5), num=args.test_size) \
         if args.cifar10c else None
-    def test_metrics(m):
+    result.update(alphas=table, alpha=alpha, tolerance=args.tolerance)
+    for key, m in (("before", model), ("after", probe)):
         torch.manual_seed(args.seed)   # the same random starts for both: a paired comparison
-        r = with_nrr(rf.evaluate(m, test, args.attacks, eps, progress=Progress("test")))
-        r["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
-        return r
-
-    before, after = test_metrics(model), test_metrics(probe)
-    result.update(alphas=table, alpha=alpha, tolerance=args.tolerance, before=before, after=after,
-                  test=after, wall_seconds=time.time() - start)
+        evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
+        result[key]["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
+    result.update(test=result["after"], wall_seconds=time.time() - start)
     os.makedirs(args.out, exist_ok=True)
     rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=probe.state_dict(), alpha=alpha,
                        module=module, config=config_record(args, "rift"))
+    if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
+        result["state_dict"] = os.path.join(args.out, "model.pt")
+        rf.save_checkpoint(result["state_dict"], **{k: v.detach().cpu().contiguous()
+                                                    for k, v in probe.state_dict().items()})
     print(f"RiFT on {module}: alpha {alpha}", file=sys.stderr)
     print(f"{'':8}{'clean':>8}{'PGD-20':>8}{'CW':>8}{'corrupt':>9}", file=sys.stderr)
-    for label, r in (("before", before), ("after", after)):
+    for label in ("before", "after"):
+        r = result[label]
         print(f"{label:8}{r['clean']:8.2f}{r.get('pgd20', float('nan')):8.2f}{r.get('cw', float('nan')):8.2f}"
               f"{r['corruption']:9.2f}", file=sys.stderr)
     return finish(args, result)
@@ -579,43 +768,18 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, decay, rate,
 
 def bench_step(args):
     """Time one training step of TRADES, of CURE, and of the official CURE structure."""
-    torch.manual_seed(args.seed)
+    on_cuda = torch.device(args.device).type == "cuda"
     width = 16 if args.width is None else args.width
     batch = args.batch_size if args.batch_size_given else 64
-    model = rf.build_model(args.model, 10, width).to(args.device).train()
-    x = torch.rand(batch, 3, 32, 32, device=args.device)
-    y = torch.randint(10, (batch,), device=args.device)
-    opt = rf.make_optimizer(model, 0.01, 5e-4)
-    cfg = rf.cure_defaults(args.model, "cifar10")
-    revision, gen = rf.Revision(model), torch.Generator().manual_seed(0)
-    eps, step, k = args.eps_px, args.step_px, args.attack_steps
-    candidates = {
-        "trades": lambda: rf.trades_step(model, opt, x, y, eps, step, k, 6.0),
-        "cure": lambda: rf.cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100, gen, eps, step, k,
-                                     rf.rgp_mask_for(args.device)),
-        "cure_official": lambda: official_style_cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100,
-                                                          gen, eps, step, k),
-    }
-    on_cuda = torch.device(args.device).type == "cuda"
     result = dict(bench="step", device=str(args.device),
                   device_name=torch.cuda.get_device_name(args.device) if on_cuda else cpu_name(),
-                  model=args.model, width=width, batch=batch, attack_steps=k, reps=args.reps,
-                  threads=torch.get_num_threads())
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    times = {name: [] for name in candidates}
-    for rep in range(-2, args.reps):          # 2 warm-up rounds; candidates interleaved, so that
-        for name, fn in candidates.items():   # background load or clock changes hit all alike
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if rep >= 0:
-                times[name].append(1000 * (time.perf_counter() - t0))
-    for name, ts in times.items():
-        result[f"{name}_ms"] = sorted(ts)[len(ts) // 2]   # median (upper median for even reps)
-        print(f"{name}: {result[f'{name}_ms']:.1f} ms per step (median of {len(ts)})", file=sys.stderr)
-    result["ratio"] = result["cure_ms"] / result["trades_ms"]
-    result["ratio_official"] = result["cure_official_ms"] / result["trades_ms"]
+                  model=args.model, width=width, batch=batch, attack_steps=args.attack_steps, reps=args.reps,
+                  threads=torch.get_num_threads(), amp=args.amp)
+    steps = report_steps(args, width, batch, args.reps, torch.cuda.synchronize if on_cuda else (lambda: None), args.amp)
+    for name, ms in steps["ms"].items():
+        result[f"{name}_ms"] = ms
+        print(f"{name}: {ms:.1f} ms per step (median of {args.reps})", file=sys.stderr)
+    result.update(ratio=steps["ratio"], ratio_official=steps["ratio_official"], phases_ms=steps["phases_ms"])
     return result
 
 
@@ -630,8 +794,232 @@ def bench_mask(args):
                                                    device=args.device))
 
 
+# --- bench report: the GPU report in one command (reduced width on a CPU) -------------------------
+
+class PhaseTimer:
+    """Wall time per named phase, with a device sync at each boundary (so GPU work is attributed)."""
+
+    def __init__(self, sync):
+        self.sync, self.times, self.last = sync, {}, None
+
+    def start(self):
+        self.sync()
+        self.last = time.perf_counter()
+
+    def __call__(self, phase):
+        self.sync()
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + 1000 * (now - self.last)
+        self.last = now
+
+
+def trades_step_phases(model, opt, x, y, eps, step_size, steps, beta, timer):
+    """`rf.trades_step`, phase by phase (the same calls in the same order)."""
+    timer.start()
+    x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
+    timer("attack")
+    loss = rf.trades_loss(model(x), model(x_adv), y, beta)
+    timer("forwards")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    timer("backward (all)")
+    opt.step()
+    timer("optimiser")
+
+
+def cure_step_phases(model, opt, x, y, revision, cfg, mask_fn, eps, step_size, steps, generator, timer):
+    """`rf.cure_step` (with `rf.cure_gradients` inlined), phase by phase: the same calls in order."""
+    timer.start()
+    x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
+    timer("attack")
+    with torch.no_grad():
+        rev_nat, rev_adv = revision.model(x), revision.model(x_adv)
+    timer("revision forwards")
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_nat, logits_adv = model(x), model(x_adv)
+    ce_nat, ce_adv = F.cross_entropy(logits_nat, y), F.cross_entropy(logits_adv, y)
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    rest = cfg.beta * kl + cfg.gamma * (rf.consistency_loss(logits_nat, rev_nat) + rf.consistency_loss(logits_adv, rev_adv))
+    timer("forwards")
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    timer("backward CE(x)")
+    g_adv = torch.autograd.grad(ce_adv, params, retain_graph=True)
+    timer("backward CE(x_adv)")
+    g_rest = torch.autograd.grad(rest, params)
+    timer("backward rest")
+    g = torch._foreach_add(g_nat, g_rest)
+    index = {id(p): i for i, p in enumerate(params)}
+    sel = [index[id(p)] for _, p in rf.masked_parameters(model, cfg.exclude) if id(p) in index]
+    mask_fn([g[i] for i in sel], [g_nat[i] for i in sel], [g_adv[i] for i in sel], cfg.alpha, cfg.percentile)
+    timer("mask")
+    for p, gi in zip(params, g):
+        p.grad = gi
+    opt.step()
+    timer("optimiser")
+    revision.maybe_update_(model, 0.999, 0.2, 100, generator)
+    timer("revision update")
+
+
+def report_mask(models, width_scale, batch, device, reps, sync):
+    """(a) plain, NumPy and fused masks on the gradients of real backward passes, bit-exact check."""
+    import kernels
+    rows = {}
+    for name in models:
+        torch.manual_seed(0)
+        width = max(1, round(rf.MODELS[name][1] * width_scale))
+        model = rf.build_model(name, 10, width).to(device).train()
+        x, y = torch.rand(batch, 3, 32, 32, device=device), torch.randint(10, (batch,), device=device)
+        params = [p for _, p in rf.masked_parameters(model)]
+        g_nat = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        g_adv = torch.autograd.grad(F.cross_entropy(model((x + 8 / 255 * torch.randn_like(x)).clamp(0, 1)), y), params)
+        args = lambda gs: (gs, list(g_nat), list(g_adv), 0.1, 30.0)             # noqa: E731
+        plain = [g.clone() for g in g_nat]
+        rf.rgp_mask_(*args(plain))
+        fused = [g.clone() for g in g_nat]
+        applies = kernels._fused_path_applies([*fused, *g_nat, *g_adv])
+        kernels.fused_rgp_mask_(*args(fused))
+        traffic = kernels.fused_traffic_bytes(fused, g_nat, g_adv)
+        row = dict(width=width, tensors=len(params), entries=sum(p.numel() for p in params),
+                   fused_ran=applies, bit_exact=all(kernels.entries_differing(a, b) == 0 for a, b in zip(plain, fused)),
+                   traffic_bytes=traffic,
+                   plain_ms=kernels.median_ms(lambda: rf.rgp_mask_(*args([g.clone() for g in g_nat])), 1, reps, sync),
+                   numpy_ms=kernels.median_ms(lambda: kernels.numpy_rgp_mask_(*args([g.clone() for g in g_nat])), 1, reps, sync))
+        if applies and torch.device(device).type == "cuda":   # the interpreter is no benchmark
+            work = [g.clone() for g in g_nat]
+            row["fused_ms"] = kernels.median_ms(lambda: kernels.fused_rgp_mask_(*args(work)), 1, reps, sync)
+            row["fused_gb_per_s"] = traffic / row["fused_ms"] / 1e6
+            row["fused_fraction_of_peak"] = row["fused_gb_per_s"] * 1e9 / 3.35e12
+        rows[name] = row
+    return rows
+
+
+def report_steps(args, width, batch, reps, sync, amp):
+    """(b) + (e): one step of TRADES, CURE and the official structure; CURE's and TRADES' phases."""
+    torch.manual_seed(args.seed)
+    model = setup_model_for_bench(args, width)
+    x, y = torch.rand(batch, 3, 32, 32, device=args.device), torch.randint(10, (batch,), device=args.device)
+    opt = rf.make_optimizer(model, 0.01, 5e-4)
+    cfg = rf.cure_defaults(args.model, "cifar10")
+    revision, gen = rf.Revision(model), torch.Generator().manual_seed(0)
+    eps, step, k = args.eps_px, args.step_px, args.attack_steps
+    mask_fn = mask_function(args.device)
+    steps = {
+        "trades": lambda: rf.trades_step(model, opt, x, y, eps, step, k, 6.0),
+        "cure": lambda: rf.cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100, gen, eps, step, k, mask_fn),
+        "cure_official": lambda: official_style_cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100,
+                                                          gen, eps, step, k),
+    }
+    phases = {"trades": PhaseTimer(sync), "cure": PhaseTimer(sync)}
+    phased = {"trades": lambda: trades_step_phases(model, opt, x, y, eps, step, k, 6.0, phases["trades"]),
+              "cure": lambda: cure_step_phases(model, opt, x, y, revision, cfg, mask_fn, eps, step, k, gen,
+                                               phases["cure"])}
+    times = {name: [] for name in steps}
+    # 2 warm-up rounds; candidates interleaved, so that background load or clock changes hit all alike
+    for rep in range(-2, reps):
+        for name, fn in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            with autocast(amp, args.device):
+                fn()
+            sync()
+            if rep >= 0:
+                times[name].append(1000 * (time.perf_counter() - t0))
+        if rep >= 0:
+            for fn in phased.values():
+                with autocast(amp, args.device):
+                    fn()
+    ms = {name: statistics.median(ts) for name, ts in times.items()}
+    return dict(ms=ms, ratio=ms["cure"] / ms["trades"], ratio_official=ms["cure_official"] / ms["trades"],
+                phases_ms={n: {p: t / reps for p, t in timer.times.items()} for n, timer in phases.items()})
+
+
+def setup_model_for_bench(args, width, name=None):
+    model = rf.build_model(name or args.model, 10, width).to(args.device).train()
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def report_throughput(args, name, width, batch, steps, sync):
+    """(c) images per second of a natural, AT, TRADES and CURE epoch of `steps` batches (augmentation,
+    the step, the loss kept on the device), the method's training attack as in run.py."""
+    data = rf.synthetic_data(num_train=batch * steps, num_test=1, seed=args.seed)
+    split = data.train.to(args.device)
+    result = {}
+    for method in ("natural", "at", "trades", "cure"):
+        torch.manual_seed(args.seed)
+        model = setup_model_for_bench(args, width, name)
+        opt = rf.make_optimizer(model, 0.01, 5e-4)
+        cure_state = dict(cfg=rf.cure_defaults(name, "cifar10"), revision=rf.Revision(model), decay=0.999,
+                          step=0, total_steps=steps, generator=torch.Generator().manual_seed(0),
+                          mask_fn=mask_function(args.device), updated={})
+        fn = with_amp(method_step(args, method, cure_state), args.amp, args.device)
+        gen = torch.Generator().manual_seed(0)
+        rf.train_epoch(model, opt, fn, split.subset(slice(0, batch)), batch, 0.01, gen)     # warm-up
+        sync()
+        t0 = time.perf_counter()
+        rf.train_epoch(model, opt, fn, split, batch, 0.01, gen)
+        sync()
+        result[method] = batch * steps / (time.perf_counter() - t0)
+    return result
+
+
+def bench_report(args):
+    """The GPU report: (a) masks on real gradients, (b) steps in fp32 and bf16, (c) epoch throughput,
+    (d) projected wall-clock of the paper runs, (e) where a CURE step's time goes. Full width and
+    batch 128 on CUDA; on a CPU 1/8 of the width and batch 16 (minutes, not hours)."""
+    on_cuda = torch.device(args.device).type == "cuda"
+    if not on_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # the fused kernels' bit-exact check, interpreted
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    # --width scales both models by the same factor (e.g. 8 for resnet18 = 1/8 of 64, WRN 20 of 160)
+    scale = args.width / rf.MODELS[args.model][1] if args.width is not None else (1.0 if on_cuda else 1 / 8)
+    batch = args.batch_size if args.batch_size_given else (128 if on_cuda else 16)
+    reps = args.reps
+    widths = {name: max(1, round(rf.MODELS[name][1] * scale)) for name in ("resnet18", "wrn34_10")}
+    report = dict(bench="report", device=str(args.device),
+                  device_name=torch.cuda.get_device_name(args.device) if on_cuda else cpu_name(),
+                  threads=torch.get_num_threads(), batch=batch, widths=widths, attack_steps=args.attack_steps,
+                  reps=reps, device_settings=args.device_settings, versions=versions())
+    print("(a) RGP mask on real gradients", file=sys.stderr)
+    report["mask"] = report_mask(("resnet18", "wrn34_10"), scale, batch, args.device, reps, sync)
+    print("(b, e) training steps", file=sys.stderr)
+    report["step"] = {amp: report_steps(args, widths[args.model], batch, reps, sync, amp) for amp in ("none", "bf16")}
+    print("(c) epoch throughput", file=sys.stderr)
+    steps = max(2, reps)
+    report["images_per_s"] = {name: report_throughput(args, name, widths[name], batch, steps, sync)
+                              for name in ("resnet18", "wrn34_10")}
+    # (d) the paper runs: 200 natural + 200 CURE epochs over 49,000 images (1,000 held out for validation)
+    images = 200 * (49_000 - 49_000 % 128)
+    report["projection_hours"] = {
+        f"python run.py cure cifar10 --model {name}": (images / ips["natural"] + images / ips["cure"]) / 3600
+        for name, ips in report["images_per_s"].items()}
+    report["projection_note"] = ("training only (no per-epoch validation or final evaluation), from (c) at "
+                                 + ("full width" if on_cuda else f"widths {widths}, batch {batch}: NOT the paper's models"))
+    os.makedirs(args.out, exist_ok=True)
+    rf.save_json(os.path.join(args.out, "report.json"), report)
+    print_report(report)
+    return report
+
+
+def print_report(r):
+    """One table on stderr: the report's headline numbers."""
+    lines = [f"bench report on {r['device_name']} ({r['device']}), batch {r['batch']}, widths {r['widths']}"]
+    for name, m in r["mask"].items():
+        fused = f"{m['fused_ms']:.3f} ms ({m['fused_gb_per_s']:.0f} GB/s)" if "fused_ms" in m else "interpreted"
+        lines.append(f"  mask {name:9} plain {m['plain_ms']:8.2f} ms  numpy {m['numpy_ms']:8.2f} ms  fused {fused}"
+                     f"  bit-exact {m['bit_exact']}")
+    for amp, st in r["step"].items():
+        ms = st["ms"]
+        lines.append(f"  step [{amp:4}] TRADES {ms['trades']:8.1f} ms  CURE {ms['cure']:8.1f} ms ({st['ratio']:.2f}x)"
+                     f"  official {ms['cure_official']:8.1f} ms ({st['ratio_official']:.2f}x)")
+    for name, ips in r["images_per_s"].items():
+        lines.append(f"  {name:9} images/s " + "  ".join(f"{m} {v:7.1f}" for m, v in ips.items()))
+    for run_, hours in r["projection_hours"].items():
+        lines.append(f"  projected: {run_}: {hours:.1f} h ({r['projection_note']})")
+    print("\n".join(lines), file=sys.stderr)
+
+
 def cmd_bench(args):
-    result = bench_step(args) if args.dataset == "step" else bench_mask(args)
+    result = {"step": bench_step, "mask": bench_mask, "report": bench_report}[args.dataset](args)
     return finish(args, result)
 
 
@@ -651,11 +1039,14 @@ def sub_run(args, method, out, **changes):
 
 
 def complete(out):
-    """A stage is complete when its metrics.json exists (written only after its final evaluation)."""
+    """A stage's metrics when it is complete: its metrics.json exists, is not a partial one written
+    during the evaluation, and no attack failed in it (a rerun resumes the stage otherwise)."""
     path = os.path.join(out, "metrics.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            metrics = json.load(f)
+        if "status" not in metrics and not failures(metrics):
+            return metrics
     return None
 
 
@@ -686,7 +1077,7 @@ def cmd_compare(args):
     results = dict(dataset=args.dataset, preset=args.preset, model=args.model, width=args.width,
                    epochs=args.epochs, natural_epochs=args.natural_epochs, seed=args.seed,
                    device=str(args.device), rows=rows)
-    write_json(os.path.join(args.out, "results.json"), results)
+    rf.save_json(os.path.join(args.out, "results.json"), results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(results_table(results))
     plots = make_plots(args.out, rows, methods)
@@ -698,24 +1089,30 @@ def cmd_compare(args):
 def table_row(metrics):
     """The paper's columns for one run: clean, PGD-20, PGD-100, CW, AutoAttack, NRR, minutes."""
     test = metrics.get("test", metrics.get("after", {}))
-    row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack")}
+    row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack", "n_autoattack")}
     rob = row["cw"] if row["cw"] is not None else test.get("robust")
     row["nrr"] = rf.nrr(row["clean"], rob) if rob is not None else None     # Eq. 9 of this row's columns
+    row["nrr_autoattack"] = test.get("nrr_autoattack")                      # against AA (Tables 7-8)
     row["minutes"] = metrics.get("wall_seconds", 0.0) / 60
     return row
 
 
 def results_table(results):
     cols = [("clean", "Clean"), ("pgd20", "PGD-20"), ("pgd100", "PGD-100"), ("cw", "CW-inf"),
-            ("autoattack", "AutoAttack"), ("nrr", "NRR (Eq. 9, CW)"), ("minutes", "wall-clock min")]
-    n = table_row(next(iter(results["rows"].values())))["n"]
-    lines = [f"Test split: {n} images; {results['dataset']}, {results['model']} width {results['width']}, "
+            ("autoattack", "AutoAttack"), ("nrr", "NRR (Eq. 9, CW)"), ("nrr_autoattack", "NRR (AA)"),
+            ("minutes", "wall-clock min")]
+    first = table_row(next(iter(results["rows"].values())))
+    aa_n = first["n_autoattack"]
+    lines = [f"Test split: {first['n']} images" + (f" (AutoAttack and NRR (AA): the first {aa_n})" if aa_n else "")
+             + f"; {results['dataset']}, {results['model']} width {results['width']}, "
              f"{results['epochs']} epochs per method from one natural checkpoint "
              f"({results['natural_epochs']} epochs), preset {results['preset']}, device {results['device']}.",
              "", "| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, metrics in results["rows"].items():
         row = table_row(metrics)
         cells = ["-" if row[k] is None else f"{row[k]:.2f}" for k, _ in cols]
+        if row["n_autoattack"] is not None and row["autoattack"] is not None:
+            cells[4] += f" (n={row['n_autoattack']})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -783,14 +1180,16 @@ def make_plots(out, rows, methods):
 
 
 def read_log(path):
+    """The per-epoch entries of a run's log.jsonl (the evaluation lines have no "epoch")."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [e for e in map(json.loads, filter(str.strip, f)) if "epoch" in e]
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         resolve(args)
+        args.device_settings = setup_device(args)
         if args.method == "bench":
             return cmd_bench(args)
         if args.method == "eval":

@@ -250,7 +250,7 @@ def test_adversarial_training_beats_natural_training_under_pgd(natural_model):
 # -----------------------------------------------------------------------------
 
 SMALL = ["synthetic", "--preset", "quick", "--device", "cpu", "--epochs", "2", "--train-size", "256",
-         "--test-size", "64", "--val-size", "64", "--attack-steps", "2", "--width", "4"]
+         "--test-size", "64", "--val-size", "64", "--attack-steps", "2", "--width", "4", "--no-autoattack"]
 
 
 def run_cli(argv, capsys):
@@ -268,20 +268,22 @@ def test_cli_trains_end_to_end_and_writes_metrics(method, tmp_path, capsys):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["method"] == method and on_disk["test"]["n"] == 64
     assert {"clean", "pgd20", "cw", "robust", "nrr"} <= set(on_disk["test"])
-    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in lines if "epoch" in e] == [1, 2]
+    assert [e["attack"] for e in lines if "attack" in e] == ["clean", "pgd20", "cw"]   # as each finished
     assert (out / "checkpoint.pt").exists()
 
 
-def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, capsys, monkeypatch):
-    args = ["at", *SMALL, "--epochs", "3"]
+def straight_and_killed_then_resumed(args, tmp_path, capsys, monkeypatch):
+    """Run `args` into tmp/a; into tmp/b, "kill" the same run right after epoch 1's checkpoint and
+    resume it. Returns (straight metrics, resumed metrics, the epochs checkpointed before the kill)."""
     straight = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
-
     save = rf.save_checkpoint
     calls = []
 
-    def save_then_die(path, **state):        # the process is "killed" right after epoch 1's checkpoint
+    def save_then_die(path, **state):
         save(path, **state)
-        calls.append(path)
+        calls.append(state["epoch"])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rf, "save_checkpoint", save_then_die)
@@ -290,7 +292,13 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, capsys, mon
     monkeypatch.setattr(rf, "save_checkpoint", save)
     capsys.readouterr()
     resumed = run_cli([*args, "--out", str(tmp_path / "b"), "--resume"], capsys)
-    assert len(calls) == 1
+    return straight, resumed, calls
+
+
+def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, capsys, monkeypatch):
+    straight, resumed, calls = straight_and_killed_then_resumed(["at", *SMALL, "--epochs", "3"], tmp_path,
+                                                                capsys, monkeypatch)
+    assert calls == [1]
     for key in ("test", "best_epoch", "epochs"):
         assert resumed[key] == straight[key]
 
@@ -320,6 +328,9 @@ def run_error(argv, capsys):
     (["at", "synthetic", "--preset", "fast"], ["'fast'", "paper", "quick"]),
     (["at", "synthetic", "--attacks", "pgd7"], ["'pgd7'", "pgd20"]),
     (["bench", "everything"], ["'everything'", "step", "mask"]),
+    (["cure", "synthetic", "--revision-rate", "0"], ["--revision-rate 0", "(0, 1]"]),
+    (["cure", "synthetic", "--revision-decay", "1"], ["--revision-decay 1", "[0, 1)"]),
+    (["eval", "synthetic", "--aa-size", "0"], ["--aa-size 0", "positive"]),
 ])
 def test_bad_input_gives_a_one_line_error_and_exit_2(argv, words, capsys):
     err = run_error(argv, capsys)
@@ -1229,9 +1240,92 @@ def test_non_contiguous_views():
     rf.rgp_mask_(views(ref_base), grads_nat, grads_adv, 0.1, 30.0)
     before = kernels.LAUNCHES
     kernels.fused_rgp_mask_(views(base), grads_nat, grads_adv, 0.1, 30.0)
-    assert kernels.LAUNCHES - before == 6
+    # no triple shares dense strides, so each is copied: g and one input per triple are not
+    # contiguous (2 copies), one more input in the second and third, and g is copied back
+    assert kernels.LAUNCHES - before == 6 + (2 + 0 + 1) + (1 + 1 + 1) + (1 + 1 + 1)
     # whole storages equal: the masked entries went back, the rest of each base is untouched
     assert all(torch.equal(_bits(r), _bits(b)) for r, b in zip(ref_base, base))
+
+
+@needs_kernels
+def test_channels_last_gradients_take_the_fused_path_without_copies():
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(8, 3, 3, 3), (16, 8, 3, 3), (16, 8, 1, 1), (10, 16)]
+
+    def layout(t):
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    lists = [[layout(_randn(s, gen)) for s in shapes] for _ in range(3)]
+    assert not lists[0][1].is_contiguous() and kernels.dense_layout(lists[0][1])
+    _compare(*lists, 0.1, 30.0, expect_launches=6)          # bit-identical, and no copy at all
+    # g_nat contiguous, the others channels_last: their strides differ, so g and g_adv are copied
+    # and g copied back, in the two 3x3 convolutions ((16, 8, 1, 1) is contiguous either way)
+    mixed = [lists[0], [t.contiguous() for t in lists[1]], lists[2]]
+    _compare(*mixed, 0.1, 30.0, expect_launches=6 + 2 * (1 + 1 + 1))
+
+
+@needs_kernels
+def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
+    ref = [g.clone() for g in lists[0]]
+    rf.rgp_mask_(ref, lists[1], lists[2], 0.1, 30.0)
+    plain_calls = []
+    real_plain = rf.rgp_mask_
+    monkeypatch.setattr(rf, "rgp_mask_", lambda *a: plain_calls.append(1) or real_plain(*a))
+    mask = kernels.CheckedFusedMask(log=lambda line: pytest.fail(line))
+    for _ in range(2):
+        grads = [g.clone() for g in lists[0]]
+        mask(grads, lists[1], lists[2], 0.1, 30.0)
+        assert all(torch.equal(_bits(r), _bits(g)) for r, g in zip(ref, grads))
+    assert mask.path == "fused" and mask.mismatch is None
+    assert len(plain_calls) == 1                     # the reference ran for the first call only
+
+
+@needs_kernels
+def test_checked_fused_mask_falls_back_on_a_mismatch_and_says_so(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
+    ref = [g.clone() for g in lists[0]]
+    rf.rgp_mask_(ref, lists[1], lists[2], 0.1, 30.0)
+    real_launch = kernels._launch_rgp_mask
+
+    def off_by_one(grads, *args):                   # a broken kernel: one more zero in tensor 2
+        real_launch(grads, *args)
+        grads[2].view(-1)[grads[2].view(-1).nonzero()[0]] = 0
+
+    monkeypatch.setattr(kernels, "_launch_rgp_mask", off_by_one)
+    lines = []
+    mask = kernels.CheckedFusedMask(log=lines.append)
+    for _ in range(2):
+        grads = [g.clone() for g in lists[0]]
+        mask(grads, lists[1], lists[2], 0.1, 30.0)
+        assert all(torch.equal(_bits(r), _bits(g)) for r, g in zip(ref, grads))   # the plain result
+    assert mask.path == "plain after a fused mismatch"
+    assert mask.mismatch == dict(tensor=2, shape=list(RESNET_LIKE[2]), entries=1, numel=lists[0][2].numel())
+    assert len(lines) == 1 and "tensor 2" in lines[0] and "1 of" in lines[0]
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs triton")
+def test_kernels_compile_for_sm80_and_sm90_without_fma():
+    """Ahead-of-time compilation with Triton's own ptxas, in a child process without the interpreter."""
+    import subprocess
+    import sys
+    code = ("import json, kernels; r = kernels.compile_report((80, 90)); "
+            "fused = kernels.compile_kernel(kernels._rgp_mask_kernel, dict(CHUNK=kernels.CHUNK_SIZE, "
+            "BLOCK=kernels.BLOCK_SIZE), 90, enable_fp_fusion=True).asm['ptx']; "
+            "print(json.dumps(dict(report=r, fused_fma='fma.rn.f32' in fused)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    names = [f"_rgp_hist_kernel[PASS={p}]" for p in range(4)] + ["_rgp_mask_kernel"]
+    assert sorted(result["report"]) == sorted(f"{n}@sm_{c}" for n in names for c in (80, 90))
+    for name, meta in result["report"].items():
+        assert not meta["ptx_fma_f32"], name                     # enable_fp_fusion=False is honoured
+        assert 0 < meta["registers"] <= 255 and meta["num_warps"] == 8
+    assert result["fused_fma"]          # the check can fail: with fusion on, the score does use FMA
 
 
 @needs_kernels
@@ -1331,3 +1425,1082 @@ def test_bench_mask_on_cpu():
     assert row["traffic_bytes"] == 44 * 376
     assert row["fused_ms"] is None and "CUDA" in row["fused_note"]
     assert row["plain_ms"] > 0 and row["numpy_ms"] > 0
+
+
+# -----------------------------------------------------------------------------
+# Blind spots: tests that fail on plausible wrong implementations (issue 10)
+# -----------------------------------------------------------------------------
+# Each test below was checked to fail on a named wrong implementation that the rest of this file
+# lets through, and compares the code with a computation written here (hand-written losses,
+# separate autograd passes, NumPy, functional re-implementations), never with the code itself.
+
+import copy
+
+
+def randomise_bn(model, seed=0):
+    """Random BatchNorm running statistics and affine parameters, so that no BN is the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+    return model
+
+
+def blind_model(name="resnet18", width=2, seed=0, mean=rf.CIFAR10_MEAN, std=rf.CIFAR10_STD):
+    torch.manual_seed(seed)
+    return randomise_bn(rf.build_model(name, 10, width, mean, std), seed).double()
+
+
+def hand_log_softmax(z):
+    """log softmax written out: z - log(sum_j exp(z_j)) (small logits, float64)."""
+    return z - z.exp().sum(1, keepdim=True).log()
+
+
+def hand_kl(logp, logq):
+    """KL(p || q) per example from log-probabilities, averaged over the batch."""
+    return (logp.exp() * (logp - logq)).sum(1).mean()
+
+
+def hand_ce(logp, y):
+    return -logp[torch.arange(len(y)), y].mean()
+
+
+def double_batch(n=4, size=8, seed=0, shift=0.03):
+    x, y = tiny_batch(n, size, seed)
+    x = x.double()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
+    return x, (x + shift * noise).clamp(0, 1), y
+
+
+# --- 1. TRADES -----------------------------------------------------------------------------------
+
+def test_blind_trades_step_is_one_sgd_step_on_the_hand_written_trades_loss(monkeypatch):
+    model = blind_model(seed=1).train()
+    x, x_adv, y = double_batch(seed=1)
+    calls = []
+
+    def fixed_pgd(*args, **kwargs):                    # the attack is tested on its own below
+        calls.append(kwargs.get("loss", args[6] if len(args) > 6 else "ce"))
+        return x_adv.clone()
+
+    monkeypatch.setattr(rf, "pgd", fixed_pgd)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)           # plain SGD: the step is -lr * grad
+    loss = rf.trades_step(model, opt, x, y, EPS, 2 / 255, 3, beta=2.5)
+    assert calls == ["kl"]
+    z, z_adv = ref(x), ref(x_adv)                               # train mode, one forward each
+    logp, logq = hand_log_softmax(z), hand_log_softmax(z_adv)
+    expect = hand_ce(logp, y) + 2.5 * hand_kl(logp, logq)       # CE(f(x), y) + beta KL(p(x) || p(x'))
+    grads = torch.autograd.grad(expect, list(ref.parameters()))
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-12)
+    for (name, p), p0, g in zip(model.named_parameters(), ref.parameters(), grads):
+        assert torch.allclose(p.detach(), p0.detach() - 0.1 * g, rtol=1e-10, atol=1e-14), name
+    for (name, b), b0 in zip(model.named_buffers(), ref.buffers()):   # BN saw x, then x_adv
+        assert torch.allclose(b, b0, rtol=1e-12, atol=1e-14), name
+
+
+def test_blind_pgd_kl_follows_the_gradient_of_kl_clean_to_adversarial():
+    # A linear softmax model with a peaked p(x): here the gradients of KL(p || p') and of the
+    # reversed KL(p' || p) point different ways in some pixels (in a random ResNet they do not).
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4)).double().eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(4, 48, dtype=torch.float64))
+        model[1].bias.copy_(torch.tensor([2.0, 0.0, -1.0, -3.0]))
+    x = 0.2 + 0.6 * torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)                        # the KL objective does not use y
+    eps, step, steps = 0.1, 0.04, 4
+    torch.manual_seed(7)
+    got = rf.pgd(model, x, y, eps, step, steps, loss="kl")
+    torch.manual_seed(7)                                        # the same N(0, 1) start
+    start = x + 0.001 * torch.randn_like(x)
+    with torch.no_grad():
+        logp = hand_log_softmax(model(x))
+
+    def hand_attack(reverse):
+        xa = torch.min(torch.max(start, x - eps), x + eps).clamp(0, 1)
+        for _ in range(steps):
+            xa = xa.detach().requires_grad_(True)
+            logq = hand_log_softmax(model(xa))
+            if reverse:                                         # KL(p(x') || p(x)): the wrong one
+                objective = (logq.exp() * (logq - logp)).sum()
+            else:                                               # KL(p(x) || p(x')), Eq. 4
+                objective = (logp.exp() * (logp - logq)).sum()
+            grad, = torch.autograd.grad(objective, [xa])
+            xa = xa.detach() + step * grad.sign()
+            xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0, 1)
+        return xa
+
+    right, wrong = hand_attack(False), hand_attack(True)
+    assert (right - wrong).abs().max() > 0.05                   # the two directions part ways here
+    assert torch.allclose(got, right, rtol=0, atol=1e-12)
+    assert (got - x).abs().max() <= eps + 1e-12
+    with torch.no_grad():                                       # and the attack did raise the KL
+        assert hand_kl(logp, hand_log_softmax(model(got))) > 10 * hand_kl(logp, hand_log_softmax(model(start)))
+
+
+# --- 2. CURE step ----------------------------------------------------------------------------------
+
+def test_blind_cure_step_equals_algorithm_1_by_hand(monkeypatch):
+    model = blind_model(seed=5).train()
+    x, x_adv, y = double_batch(seed=5)
+    monkeypatch.setattr(rf, "pgd", lambda *a, **k: x_adv.clone())
+    revision = rf.Revision(model)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():                                       # a revision model unlike the model
+        for p in revision.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    rev, ref = copy.deepcopy(revision.model), copy.deepcopy(model)
+    rev_state = snapshot(rev)
+    beta, gamma, alpha, pct, lr = 2.5, 0.7, 0.05, 40.0, 0.1
+    cfg = rf.CureConfig(percentile=pct, alpha=alpha, gamma=gamma, beta=beta, rate=0.0, exclude=("linear",))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    updated = {}
+    loss = rf.cure_step(model, opt, x, y, revision, cfg, decay=0.9, rate=0.0, step=3,
+                        generator=torch.Generator().manual_seed(0), steps=2, updated=updated)
+
+    # Algorithm 1 by hand: three separate gradients of hand-written losses ...
+    z, z_adv = ref(x), ref(x_adv)
+    with torch.no_grad():
+        r, r_adv = rev(x), rev(x_adv)                           # the revision model, eval mode
+    lp, lpa, lr_nat, lr_adv = map(hand_log_softmax, (z, z_adv, r, r_adv))
+    ce_nat, ce_adv = hand_ce(lp, y), hand_ce(lpa, y)
+    total = ce_nat + beta * hand_kl(lp, lpa) + gamma * (hand_kl(lr_nat, lp) + hand_kl(lr_adv, lpa))
+    names, params = zip(*ref.named_parameters())
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    g_adv = torch.autograd.grad(ce_adv, params, retain_graph=True)
+    g_all = torch.autograd.grad(total, params)
+    # ... the RGP mask in NumPy on weights (ndim >= 2) outside cfg.exclude, then plain SGD
+    after = dict(model.named_parameters())
+    expect_updated = {}
+    for name, p0, gi, gn, ga in zip(names, params, g_all, g_nat, g_adv):
+        gi = gi.numpy()
+        if gi.ndim >= 2 and not name.startswith("linear."):
+            gi = numpy_rgp_mask(gi, gn.numpy(), ga.numpy(), alpha, pct)
+            expect_updated[name] = int((gi != 0).sum())
+        np.testing.assert_allclose(after[name].detach().numpy(), p0.detach().numpy() - lr * gi,
+                                   rtol=1e-10, atol=1e-14, err_msg=name)
+    assert "linear.weight" not in expect_updated and len(expect_updated) == 20
+    assert {k: int(v) for k, v in updated.items()} == expect_updated
+    assert loss.item() == pytest.approx(total.item(), rel=1e-12)
+    assert revision.updates == 0                                # rate 0: the revision did not move
+    assert_state_equal(revision.model, rev_state)
+
+
+# --- 3. Resume of a CURE run through the command line ------------------------------------------------
+
+FAST = [*SMALL, "--train-size", "64", "--batch-size", "16", "--val-size", "8", "--test-size", "16",
+        "--attacks", "pgd10", "--attack-steps", "1", "--no-autoattack"]      # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def natural_ckpt(tmp_path_factory):
+    """A 1-epoch natural run of the FAST setting through the CLI: its checkpoint's path."""
+    out = tmp_path_factory.mktemp("blind_natural") / "natural"
+    run.main(["natural", *FAST, "--epochs", "1", "--out", str(out)])
+    return str(out / "checkpoint.pt")
+
+
+def assert_same_contents(a, b, where="", skip=("config", "seconds", "epoch_seconds")):
+    """Equal dicts/lists/tensors/arrays/scalars, recursively; tensors bit for bit."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            if k not in skip:
+                assert_same_contents(a[k], b[k], f"{where}.{k}", skip)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same_contents(u, v, f"{where}[{i}]", skip)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def epoch_lines(path):
+    """The per-epoch lines of a run's log.jsonl (other lines, e.g. of the final evaluation, dropped)."""
+    return [e for e in read_jsonl(path) if "epoch" in e]
+
+
+def test_blind_killed_and_resumed_cure_run_is_bit_identical(natural_ckpt, tmp_path, capsys, monkeypatch):
+    args = ["cure", *FAST, "--epochs", "3", "--revision-rate", "0.6", "--init", natural_ckpt]
+    straight, resumed, calls = straight_and_killed_then_resumed(args, tmp_path, capsys, monkeypatch)
+    assert calls == [1]
+
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == 3 and a["cure_step"] == 3 * 4
+    assert a["revision_updates"] > 0                            # the revision model did move
+    for key in ("model", "revision", "revision_updates", "revision_generator", "cure_step", "optimizer",
+                "generator", "rng"):
+        assert_same_contents(a[key], b[key], key)
+    assert_same_contents(a, b)                                  # and everything else but timings
+    log_a, log_b = epoch_lines(tmp_path / "a" / "log.jsonl"), epoch_lines(tmp_path / "b" / "log.jsonl")
+    assert len(log_a) == 3 and all("updated_fraction" in e and "val_revision" in e for e in log_a)
+    assert_same_contents(log_a, log_b)                          # updated fractions included
+    for key in ("test", "test_revision", "best_epoch", "epochs"):
+        assert resumed[key] == straight[key]
+
+
+# --- 4. RiFT: several batches give the single-batch values -------------------------------------------
+
+def linear_model_and_data_10(seed=2):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).double()
+    x, y = images(n=10, size=2, seed=seed)
+    w, b = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    return model, x.double(), y, w, b, x.flatten(1).double()
+
+
+def test_blind_robust_loss_and_gradient_do_not_depend_on_the_batch_size():
+    model, x, y, w, b, xf = linear_model_and_data_10()
+    loss, grad = softmax_regression_loss_grad(w, b, xf, y)      # the full-set mean, analytically
+    weight = model[1].weight
+    for bs in (3, 4, 10, 64):                                   # 3,3,3,1 / 4,4,2 / one / one batch
+        assert rf.robust_loss(model, x, y, batch_size=bs) == pytest.approx(loss, rel=1e-6)
+        got = rf.robust_loss_grad(model, weight, x, y, batch_size=bs)
+        assert torch.allclose(got, grad, rtol=1e-5, atol=1e-7), bs
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_blind_paper_mrc_with_several_batches_matches_the_hand_ascent():
+    model, x, y, w, b, xf = linear_model_and_data_10(seed=3)
+    eps, steps = 0.1, 10
+    radius = eps * w.norm().item()
+    dw = torch.zeros_like(w)
+    for _ in range(steps):                                      # Alg. 1, normalised steps 2r/T
+        g = softmax_regression_loss_grad(w + dw, b, xf, y)[1]
+        dw = dw + (2 * radius / steps) * g / g.norm()
+        if dw.norm() > radius:
+            dw = dw * radius / dw.norm()
+            break
+    expect = softmax_regression_loss_grad(w + dw, b, xf, y)[0] - softmax_regression_loss_grad(w, b, xf, y)[0]
+    mrc, got = rf.mrc_perturbation(model, "1", x, y, eps=eps, steps=steps, batch_size=3)
+    assert torch.allclose(got, dw, atol=1e-5)
+    assert mrc == pytest.approx(expect, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("eps, lr", [(3.0, 0.5), (0.1, 1.0)])   # the ball not reached / reached
+def test_blind_official_mrc_with_shuffled_batches_matches_a_hand_sgd_ascent(eps, lr):
+    model, x, y, w, b, xf = linear_model_and_data_10(seed=4)
+    epochs, bs = 3, 3
+    radius = eps * w.norm().item()
+    gen = torch.Generator().manual_seed(5)
+    dw, best, best_dw = torch.zeros_like(w), -math.inf, torch.zeros_like(w)
+    for _ in range(epochs):                                     # plain SGD ascent on batch means
+        for idx in torch.randperm(len(y), generator=gen).split(bs):
+            dw = dw + lr * softmax_regression_loss_grad(w + dw, b, xf[idx], y[idx])[1]
+        if dw.norm() > radius:                                  # projection once per pass
+            dw = dw * radius / dw.norm()
+        loss = softmax_regression_loss_grad(w + dw, b, xf, y)[0]
+        if loss > best:
+            best, best_dw = loss, dw
+    expect = best - softmax_regression_loss_grad(w, b, xf, y)[0]
+    mrc, got = rf.mrc_perturbation(model, "1", x, y, eps=eps, steps=epochs, lr=lr, variant="official",
+                                   batch_size=bs, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(got, best_dw, atol=1e-5)
+    assert mrc == pytest.approx(expect, rel=1e-4, abs=1e-6)
+    assert torch.equal(model[1].weight, w)                      # restored
+
+
+# --- 5. Models against functional re-implementations --------------------------------------------------
+
+BLIND_MEAN, BLIND_STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+
+
+class Recorder(dict):
+    """A state dict that remembers which entries were read."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.used = set()
+
+    def __getitem__(self, k):
+        self.used.add(k)
+        return super().__getitem__(k)
+
+
+def f_bn(sd, name, h):
+    return F.batch_norm(h, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                        sd[f"{name}.bias"], training=False, eps=1e-5)
+
+
+def f_conv(sd, name, h, stride=1):
+    w = sd[f"{name}.weight"]
+    return F.conv2d(h, w, stride=stride, padding=(w.shape[-1] - 1) // 2)
+
+
+def f_head(sd, name, h):
+    return F.linear(F.adaptive_avg_pool2d(h, 1).flatten(1), sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+
+def f_normalise(x):
+    """(x - mean) / std per channel; the model keeps mean and std as float32 buffers."""
+    mean = torch.tensor(BLIND_MEAN, dtype=torch.float32).to(x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(BLIND_STD, dtype=torch.float32).to(x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def f_resnet18(sd, x):
+    """He et al.: conv-bn-relu stem; blocks relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x)."""
+    h = F.relu(f_bn(sd, "bn1", f_conv(sd, "conv1", f_normalise(x))))
+    for stage, stride in zip((1, 2, 3, 4), (1, 2, 2, 2)):
+        for j in range(2):
+            p, s = f"layer{stage}.{j}", stride if j == 0 else 1
+            out = F.relu(f_bn(sd, f"{p}.bn1", f_conv(sd, f"{p}.conv1", h, s)))
+            out = f_bn(sd, f"{p}.bn2", f_conv(sd, f"{p}.conv2", out))
+            short = f_bn(sd, f"{p}.shortcut.1", f_conv(sd, f"{p}.shortcut.0", h, s)) if stage > 1 and j == 0 else h
+            h = F.relu(out + short)
+    return f_head(sd, "linear", h)
+
+
+def f_preact_resnet18(sd, x):
+    """Rice et al.'s PreAct ResNet-18: conv stem; a = relu(bn1 x), conv2(relu(bn2(conv1 a))) +
+    (1x1 conv of a where the shape changes, else x); final relu(bn) before the pool."""
+    h = f_conv(sd, "conv1", f_normalise(x))
+    for stage, stride in zip((1, 2, 3, 4), (1, 2, 2, 2)):
+        for j in range(2):
+            p, s = f"layer{stage}.{j}", stride if j == 0 else 1
+            a = F.relu(f_bn(sd, f"{p}.bn1", h))
+            short = f_conv(sd, f"{p}.shortcut.0", a, s) if stage > 1 and j == 0 else h
+            out = f_conv(sd, f"{p}.conv2", F.relu(f_bn(sd, f"{p}.bn2", f_conv(sd, f"{p}.conv1", a, s))))
+            h = out + short
+    return f_head(sd, "linear", F.relu(f_bn(sd, "bn", h)))
+
+
+def f_wrn34(sd, x, width):
+    """TRADES' WRN-34: conv 3->16; 3 stages of 5 pre-activation blocks (1x1 conv of the activated
+    input where the shape changes); final relu(bn1) before the pool."""
+    h = f_conv(sd, "conv1", f_normalise(x))
+    c_in = 16
+    for stage, (c_out, stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), 1):
+        for j in range(5):
+            p, s = f"block{stage}.layer.{j}", stride if j == 0 else 1
+            a = F.relu(f_bn(sd, f"{p}.bn1", h))
+            short = h if j > 0 or (c_in == c_out and s == 1) else f_conv(sd, f"{p}.shortcut", a, s)
+            out = f_conv(sd, f"{p}.conv2", F.relu(f_bn(sd, f"{p}.bn2", f_conv(sd, f"{p}.conv1", a, s))))
+            h = out + short
+        c_in = c_out
+    return f_head(sd, "fc", F.relu(f_bn(sd, "bn1", h)))
+
+
+@pytest.mark.parametrize("name, width, reference", [
+    ("resnet18", 2, f_resnet18), ("preact_resnet18", 2, f_preact_resnet18),
+    ("wrn34_10", 4, lambda sd, x: f_wrn34(sd, x, 4)),
+])
+def test_blind_model_forward_matches_a_functional_reimplementation(name, width, reference):
+    model = blind_model(name, width, seed=6, mean=BLIND_MEAN, std=BLIND_STD).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    sd = Recorder({k: v for k, v in model.state_dict().items()
+                   if not k.startswith("normalize.") and not k.endswith("num_batches_tracked")})
+    with torch.no_grad():
+        got, expect = model(x), reference(sd, x)
+    assert got.shape == (2, 10)
+    assert torch.allclose(got, expect, rtol=1e-10, atol=1e-12)
+    assert sd.used == set(sd)                                   # every weight has its place
+
+
+# --- 6. Command-line paths --------------------------------------------------------------------------
+
+def masked_names(width=4):
+    """Weights (ndim >= 2) of the FAST model, from its own state dict."""
+    return {n for n, p in rf.build_model("resnet18", 10, width).named_parameters() if p.ndim >= 2}
+
+
+def fast_test_split(size=16):
+    """The test split run.py uses for FAST: synthetic seed 0, a seeded random subset of the test set."""
+    data = rf.synthetic_data(2000, 500, seed=0)
+    index = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))[:size]
+    return data.test.x[index].float() / 255, data.test.y[index]
+
+
+def clean_accuracy_by_hand(state, x, y):
+    model = rf.build_model("resnet18", 10, 4)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return 100.0 * (model.eval()(x).argmax(1) == y).double().mean().item()
+
+
+def test_blind_cli_cure_eff_warm_up_epoch_is_natural_then_cure(tmp_path, capsys):
+    out = tmp_path / "eff"
+    metrics = run_cli(["cure", *FAST, "--warmup-epochs", "1", "--epochs", "2", "--out", str(out)], capsys)
+    log = epoch_lines(out / "log.jsonl")
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert "val_revision" not in log[0] and "updated_fraction" not in log[0]     # natural epoch
+    assert "val_revision" in log[1] and set(log[1]["updated_fraction"]) == masked_names()
+    numel = {n: p.numel() for n, p in rf.build_model("resnet18", 10, 4).named_parameters()}
+    for name, frac in log[1]["updated_fraction"].items():      # p = 30 (Table 9) masks >= floor(0.3 n)
+        assert 0.5 < frac <= 1 - math.floor(0.3 * numel[name]) / numel[name] + 1e-9, name
+    assert not (out / "natural").exists()                       # CURE-Eff: no separate pre-training
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 2 and ck["cure_step"] == 4            # only the second epoch ran CURE steps
+    assert metrics["epochs"] == 2 and "test_revision" in metrics
+
+
+def test_blind_cli_cure_without_init_pretrains_naturally_then_starts_from_it(tmp_path, capsys):
+    out = tmp_path / "cure"
+    run_cli(["cure", *FAST, "--natural-epochs", "2", "--epochs", "1", "--revision-rate", "1e-9",
+             "--out", str(out)], capsys)
+    nat = torch.load(out / "natural" / "checkpoint.pt", weights_only=False)
+    assert nat["epoch"] == 2 and nat["method"] == "natural"      # --natural-epochs, not --epochs
+    assert len(epoch_lines(out / "natural" / "log.jsonl")) == 2
+    cure = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert cure["method"] == "cure" and cure["epoch"] == 1 and cure["revision_updates"] == 0
+    # the revision model (never updated) is the copy of the model CURE started from
+    assert_same_contents(cure["revision"], nat["model"])
+    assert not all(torch.equal(cure["model"][k], v) for k, v in nat["model"].items())
+
+
+def test_blind_cli_eval_reports_the_clean_accuracy_of_the_checkpoint(tmp_path, capsys):
+    torch.manual_seed(11)
+    model = randomise_bn(rf.build_model("resnet18", 10, 4, (0.5,) * 3, (0.25,) * 3), seed=11)
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict()}, ckpt)
+    metrics = run_cli(["eval", *FAST, "--test-size", "64", "--init", str(ckpt), "--out", str(tmp_path / "e")],
+                      capsys)
+    test = metrics["test"]
+    assert metrics["method"] == "eval" and metrics["checkpoint"] == str(ckpt)
+    assert {"n", "clean", "pgd10", "robust", "nrr"} <= set(test) and test["n"] == 64
+    assert not {"pgd20", "cw", "autoattack"} & set(test)       # only the attacks asked for
+    x, y = fast_test_split(64)
+    assert test["clean"] == pytest.approx(clean_accuracy_by_hand(model.state_dict(), x, y), abs=1e-9)
+    assert test["robust"] == test["pgd10"] <= test["clean"]
+    c, r = test["clean"], test["robust"]
+    assert test["nrr"] == pytest.approx(2 * c * r / (c + r) if c + r else 0.0)
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+
+def test_blind_cli_rift_module_skips_mrc_and_changes_only_that_module(natural_ckpt, tmp_path, capsys, monkeypatch):
+    out, module = tmp_path / "rift", "layer4.1.conv2"
+    chosen = []
+
+    def half(table, tolerance):       # record the rule's choice, then interpolate half-way whatever
+        chosen.append(select(table, tolerance))     # it is, so the fine-tuned module shows up
+        return 0.5
+
+    tuned = {}
+
+    def finetune(model, *args, **kwargs):                  # keep the fine-tuned weights
+        losses = finetune_module(model, *args, **kwargs)
+        tuned.update(snapshot(model))
+        return losses
+
+    select, finetune_module = rf.select_alpha, rf.finetune_module
+    monkeypatch.setattr(rf, "select_alpha", half)
+    monkeypatch.setattr(rf, "finetune_module", finetune)
+    m = run_cli(["rift", *FAST, "--init", natural_ckpt, "--module", module, "--rift-epochs", "2", "--lr", "0.05",
+                 "--tolerance", "100", "--out", str(out)], capsys)
+    assert "mrc" not in m and "mrc_examples" not in m and m["module"] == module
+    assert [r["alpha"] for r in m["alphas"]] == [i / 10 for i in range(11)]
+    clean0 = m["alphas"][0]["clean"]
+    gains = [r["clean"] for r in m["alphas"] if r["clean"] > clean0]      # tolerance 100: any gain counts
+    pick = next(r for r in m["alphas"] if r["alpha"] == chosen[0])
+    assert (chosen[0] == 0.0) if not gains else (pick["clean"] == max(gains))
+    start = torch.load(natural_ckpt, weights_only=False)["model"]
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["module"] == module and ck["alpha"] == m["alpha"] == 0.5
+    for k, v in start.items():       # theta(1/2) = (theta_0 + theta_tuned) / 2: exact where nothing moved
+        if k.startswith(module + "."):
+            assert not torch.equal(tuned[k], v), k
+            assert torch.allclose(ck["model"][k], 0.5 * v + 0.5 * tuned[k], rtol=0, atol=1e-7), k
+        else:
+            assert torch.equal(ck["model"][k], v), k                      # BN statistics included
+    x, y = fast_test_split(16)
+    assert m["before"]["clean"] == pytest.approx(clean_accuracy_by_hand(start, x, y), abs=1e-9)
+    assert m["after"]["clean"] == pytest.approx(clean_accuracy_by_hand(ck["model"], x, y), abs=1e-9)
+
+
+def test_blind_cli_rift_mrc_only_ranks_every_conv_and_linear_and_stops(natural_ckpt, tmp_path, capsys):
+    out = tmp_path / "mrc"
+    m = run_cli(["rift", *FAST, "--init", natural_ckpt, "--mrc-only", "--mrc-size", "8", "--out", str(out)], capsys)
+    model = rf.build_model("resnet18", 10, 4)
+    expected = {n for n, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    assert set(m["mrc"]) == expected and len(expected) == 21
+    values = list(m["mrc"].values())
+    assert values == sorted(values)                             # the ranking, lowest first
+    assert m["module"] == min(m["mrc"], key=m["mrc"].get) == next(iter(m["mrc"]))
+    assert m["mrc_examples"] == 8
+    assert not (out / "checkpoint.pt").exists() and "alphas" not in m and "after" not in m
+
+
+def test_blind_cli_no_mask_classifier_leaves_the_classifier_unmasked(natural_ckpt, tmp_path, capsys, monkeypatch):
+    shapes = []
+    mask = rf.rgp_mask_
+
+    def spy(grads, grads_nat, grads_adv, alpha, percentile):
+        shapes.append([tuple(g.shape) for g in grads])
+        return mask(grads, grads_nat, grads_adv, alpha, percentile)
+
+    monkeypatch.setattr(rf, "rgp_mask_", spy)
+    out = tmp_path / "nomask"
+    run_cli(["cure", *FAST, "--epochs", "1", "--init", natural_ckpt, "--no-mask-classifier", "--out", str(out)],
+            capsys)
+    assert len(shapes) == 4                                     # one mask call per CURE step
+    assert all((10, 32) not in s and len(s) == 20 for s in shapes)   # linear.weight (10, 32): never masked
+    frac = epoch_lines(out / "log.jsonl")[0]["updated_fraction"]
+    assert set(frac) == masked_names() - {"linear.weight"}
+    assert all(v < 1 for v in frac.values())
+    assert json.loads((out / "config.json").read_text())["mask_classifier"] is False
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: per-example worst case, exact percentages, AutoAttack through both packages' APIs,
+# resumable AutoAttack state, failures that keep the finished results
+# -----------------------------------------------------------------------------
+
+class PixelClassifier(nn.Module):
+    """Predicts class floor(10 * x[:, 0, 0, 0]) (clamped to 0..9): a 2/255 nudge flips it at a boundary."""
+
+    def forward(self, x):
+        cls = (x[:, 0, 0, 0] * 10).floor().clamp(0, 9).long()
+        return F.one_hot(cls, 10).float() + 0.0 * x.sum((1, 2, 3))[:, None]
+
+
+def indexed_split(n=23):
+    """Images whose pixel (1, 0, 0) encodes the example's index and pixel (0, 0, 0) its class.
+
+    Example i has label i % 10; it is classified correctly unless i % 5 == 0 (then its class pixel
+    says class i + 5, so no nudge can make it right). Class pixels of classes 0-4 sit 1/255 below their upper boundary, those of
+    5-9 1/255 above their lower one, so `nudge` flips any of them.
+    """
+    x = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    y = torch.arange(n) % 10
+    shown = torch.where(torch.arange(n) % 5 == 0, (y + 5) % 10, y)
+    x[:, 0, 0, 0] = torch.where(shown < 5, ((shown + 1) * 25.5).floor() - 1, (shown * 25.5).ceil() + 1).to(torch.uint8)
+    x[:, 1, 0, 0] = torch.arange(n).to(torch.uint8)
+    return rf.Split(x, y)
+
+
+def nudge(x, fooled):
+    """Move the class pixel of the `fooled` examples across the nearest class boundary (2/255)."""
+    x_adv = x.clone()
+    pixel = x_adv[:, 0, 0, 0]
+    x_adv[:, 0, 0, 0] = torch.where(fooled, pixel + torch.where(pixel < 0.5, 2 / 255, -2 / 255), pixel)
+    return x_adv
+
+
+FOOLS = {"ce": lambda i: i % 2 == 0, "cw": lambda i: i % 3 == 0}   # which examples each fake attack fools
+
+
+def fake_pgd(model, x, y, eps, step_size, steps=10, loss="ce", random_start=True):
+    """Nudges the examples FOOLS[loss] picks (2/255, inside the eps-ball) across a class boundary."""
+    index = (x[:, 1, 0, 0] * 255).round().long()
+    return nudge(x, torch.tensor([bool(FOOLS[loss](int(i))) for i in index]))
+
+
+def test_evaluate_robust_is_the_per_example_and_over_attacks(monkeypatch):
+    monkeypatch.setattr(rf, "pgd", fake_pgd)
+    split, n = indexed_split(23), 23
+    out = rf.evaluate(PixelClassifier(), split, ["pgd10", "cw"], EPS, batch_size=4)   # 23 = 5 x 4 + 3
+    clean = [i % 5 != 0 for i in range(n)]
+    pgd = [c and not FOOLS["ce"](i) for i, c in enumerate(clean)]
+    cw = [c and not FOOLS["cw"](i) for i, c in enumerate(clean)]
+    robust = [p and c for p, c in zip(pgd, cw)]                              # the per-example AND, by hand
+    assert out["counts"] == {"clean": sum(clean), "pgd10": sum(pgd), "cw": sum(cw)}
+    assert out["robust"] == 100 * sum(robust) / n
+    assert sum(robust) < min(sum(pgd), sum(cw))      # the attacks disagree: a min() of columns would be wrong
+    assert out["clean"] == 100 * sum(clean) / n and out["pgd10"] == 100 * sum(pgd) / n
+
+
+def test_accuracies_are_exact_fractions_of_integer_counts():
+    assert rf.percent(940, 1000) == 94.0
+    assert rf.percent(torch.tensor(1), 3) == 100 / 3
+    model = tiny_model().eval()
+    data = rf.synthetic_data(num_train=10, num_test=30, size=16)
+    out = rf.evaluate(model, data.test, ["pgd10"], EPS, batch_size=16)
+    for name, count in out["counts"].items():
+        assert out[name] == 100 * count / 30                # exactly, not float32's 93.99999976158142
+
+
+class FakeAutoAttackBase:
+    """Shared fake: each attack fools the examples its rule picks (by the index pixel); calls logged."""
+    calls = []
+    rules = {"apgd-ce": lambda i: i % 2 == 0, "apgd-t": lambda i: i % 7 == 1, "fab-t": lambda i: i % 3 == 0,
+             "square": lambda i: i % 11 == 3}
+    fail_on = None       # (attack, call number within that attack) that raises
+
+    def attack(self, x, y):
+        assert x.is_contiguous() and list(self.attacks_to_run) and len(self.attacks_to_run) == 1
+        name = self.attacks_to_run[0]
+        index = (x[:, 1, 0, 0] * 255).round().long().tolist()
+        FakeAutoAttackBase.calls.append((name, index))
+        if self.fail_on == (name, sum(c[0] == name for c in FakeAutoAttackBase.calls)):
+            raise RuntimeError(f"{name} broke")
+        return nudge(x, torch.tensor([bool(self.rules[name](i)) for i in index]))
+
+
+class FakeOfficialAutoAttack(FakeAutoAttackBase):
+    """The official package's API: keyword `verbose`, `run_standard_evaluation(x, y, bs=)` -> x_adv."""
+
+    def __init__(self, model, norm="Linf", eps=0.3, seed=None, verbose=True, attacks_to_run=(),
+                 version="standard", is_tf_model=False, device="cuda", log_path=None):
+        assert norm == "Linf" and version == "standard" and verbose is False
+        self.attacks_to_run, self.eps, self.device = list(rf.AUTOATTACK_STANDARD), eps, device
+
+    def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False, state_path=None):
+        return self.attack(x_orig, y_orig)
+
+
+class FakePyAutoAttack(FakeAutoAttackBase):
+    """pyautoattack 0.2.0's API: keyword-only, `run_standard_evaluation(x, y, *, batch_size=)` -> (x_adv, y_adv)."""
+
+    def __init__(self, model, *, attacks=None, device="cpu", eps=0.3, norm="Linf", seed=None, version="standard"):
+        assert norm == "Linf" and version == "standard" and attacks is None
+        assert torch.device(device).type == "cpu"
+        self.attacks_to_run, self.eps = list(rf.AUTOATTACK_STANDARD), eps
+
+    def run_standard_evaluation(self, x_orig, y_orig, /, *, batch_size=250, state_path=None):
+        x_adv = self.attack(x_orig, y_orig)
+        return x_adv, y_orig
+
+
+def install_fake_autoattack(monkeypatch, package):
+    """Make `package` ('autoattack' or 'pyautoattack') importable as the fake, the other not."""
+    import sys
+    import types
+    fake = types.ModuleType(package)
+    fake.AutoAttack = FakeOfficialAutoAttack if package == "autoattack" else FakePyAutoAttack
+    other = "pyautoattack" if package == "autoattack" else "autoattack"
+    monkeypatch.setitem(sys.modules, package, fake)
+    monkeypatch.setitem(sys.modules, other, None)          # None in sys.modules: import raises ImportError
+    FakeAutoAttackBase.calls, FakeAutoAttackBase.fail_on = [], None
+
+
+def expected_autoattack(n, clean):
+    """AutoAttack's standard version by hand: each attack in order, only on the still-robust examples."""
+    robust = list(clean)
+    for name in rf.AUTOATTACK_STANDARD:
+        robust = [r and not FakeAutoAttackBase.rules[name](i) for i, r in enumerate(robust)]
+    return robust
+
+
+@pytest.mark.parametrize("package", ["autoattack", "pyautoattack"])
+def test_autoattack_runs_the_standard_attacks_in_order_on_the_still_robust_examples(package, monkeypatch):
+    install_fake_autoattack(monkeypatch, package)
+    assert rf.autoattack_package() == package
+    split = indexed_split(40)
+    x, y = next(rf.batches(split, 40))
+    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)      # non-contiguous: the driver must fix it
+    flags = rf.autoattack_correct(PixelClassifier(), x, y, EPS, batch_size=8)
+    clean = [i % 5 != 0 for i in range(40)]
+    assert flags.tolist() == expected_autoattack(40, clean)
+    robust = list(clean)
+    for name in rf.AUTOATTACK_STANDARD:                  # each attack saw exactly the still-robust examples
+        seen = [i for a, index in FakeAutoAttackBase.calls if a == name for i in index]
+        assert seen == [i for i, r in enumerate(robust) if r]
+        assert all(len(index) <= 8 for a, index in FakeAutoAttackBase.calls)
+        robust = [r and not FakeAutoAttackBase.rules[name](i) for i, r in enumerate(robust)]
+
+
+def test_interrupted_autoattack_resumes_from_its_state_file(tmp_path, monkeypatch):
+    install_fake_autoattack(monkeypatch, "pyautoattack")
+    split, state = indexed_split(40), str(tmp_path / "aa.json")
+    x, y = next(rf.batches(split, 40))
+    FakeAutoAttackBase.fail_on = ("fab-t", 2)             # dies in FAB-T's second batch
+    with pytest.raises(RuntimeError, match="fab-t broke"):
+        rf.autoattack_correct(PixelClassifier(), x, y, EPS, batch_size=4, state_path=state)
+    saved = json.loads(open(state).read())
+    assert saved["done"] == ["apgd-ce", "apgd-t"] and saved["pending"]
+    first_calls = list(FakeAutoAttackBase.calls)
+    FakeAutoAttackBase.calls, FakeAutoAttackBase.fail_on = [], None
+    flags = rf.autoattack_correct(PixelClassifier(), x, y, EPS, batch_size=4, state_path=state)
+    assert flags.tolist() == expected_autoattack(40, [i % 5 != 0 for i in range(40)])
+    assert FakeAutoAttackBase.calls[0] == first_calls[-1]    # resumes at the batch that failed, not before
+    assert all(a in ("fab-t", "square") for a, _ in FakeAutoAttackBase.calls)
+    with pytest.raises(ValueError, match="another evaluation"):   # a state file of other examples is refused
+        rf.autoattack_correct(PixelClassifier(), x, (y + 1) % 10, EPS, batch_size=4, state_path=state)
+
+
+def test_real_autoattack_package_runs_end_to_end():
+    assert rf.autoattack_package() in ("autoattack", "pyautoattack")     # requirements.txt installs pyautoattack
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    x = torch.rand(12, 3, 8, 8).transpose(2, 3)                         # a non-contiguous view
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 10                                              # one example wrong from the start
+    flags = rf.autoattack_correct(model, x, y, 0.25, batch_size=5)
+    assert flags.dtype == torch.bool and flags.shape == (12,)
+    assert not flags[0]                                                 # never counted robust
+    assert flags.sum() < 12
+
+
+def test_a_failing_attack_keeps_the_others_results_and_exits_1(tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    torch.save({"model": rf.build_model("resnet18", 10, 4, (0.5,) * 3, (0.25,) * 3).state_dict()}, ckpt)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("AutoAttack exploded")
+
+    monkeypatch.setattr(rf, "autoattack_correct", broken)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as e:
+        run.main(["eval", *SMALL, "--init", str(ckpt), "--autoattack", "--out", str(out)])
+    assert e.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "autoattack" in err[0] and "AutoAttack exploded" in err[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"clean", "pgd20", "cw", "robust"} <= set(metrics["test"])
+    assert "autoattack" not in metrics["test"] and "AutoAttack exploded" in metrics["test"]["failed"]["autoattack"]
+    logged = [json.loads(line)["attack"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == ["clean", "pgd20", "cw", "autoattack"]            # one log line per finished attack
+
+
+def test_metrics_json_is_written_as_each_attack_finishes(tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": rf.build_model("resnet18", 10, 4, (0.5,) * 3, (0.25,) * 3).state_dict()}, ckpt)
+    out = tmp_path / "eval"
+    seen = []
+    real = rf.pgd
+
+    def spy(model, x, y, *args, loss="ce", **kwargs):            # what is on disk while CW runs
+        if loss == "cw" and (out / "metrics.json").exists():
+            seen.append(json.loads((out / "metrics.json").read_text()))
+        return real(model, x, y, *args, loss=loss, **kwargs)
+
+    monkeypatch.setattr(rf, "pgd", spy)
+    run_cli(["eval", *SMALL, "--init", str(ckpt), "--out", str(out)], capsys)
+    assert seen and seen[0]["status"] == "evaluating"
+    assert "pgd20" in seen[0]["test"] and "cw" not in seen[0]["test"]
+
+
+def test_eval_with_autoattack_end_to_end_on_the_installed_package(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    torch.save({"model": rf.build_model("resnet18", 10, 4, (0.5,) * 3, (0.25,) * 3).state_dict()}, ckpt)
+    out = tmp_path / "eval"
+    # eps 64/255: APGD-CE fools this untrained model at once, so Square's 5,000 queries never run
+    metrics = run_cli(["eval", *SMALL, "--init", str(ckpt), "--autoattack", "--aa-size", "16", "--eps", "64",
+                       "--out", str(out)], capsys)
+    test = metrics["test"]
+    assert test["n_autoattack"] == 16 and test["autoattack"] == 100 * test["counts"]["autoattack"] / 16
+    assert test["nrr_autoattack"] == rf.nrr(test["clean_autoattack"], test["autoattack"])
+    state = json.loads((out / "autoattack_test.json").read_text())
+    assert state["done"] == list(rf.AUTOATTACK_STANDARD) and state["n"] == 16
+
+
+# -----------------------------------------------------------------------------
+# The GPU path, checked on the CPU: bf16 autocast keeps float32 state, the run record names the
+# mask path, the report command fills every section
+# -----------------------------------------------------------------------------
+
+def test_amp_bf16_runs_the_forwards_in_bf16_and_keeps_parameters_and_gradients_float32():
+    model, (x, y) = tiny_model(), tiny_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {}
+
+    def step(m, o, xb, yb):
+        logits = m(xb)
+        seen["logits"] = logits.dtype
+        loss = F.cross_entropy(logits, yb)
+        o.zero_grad()
+        loss.backward()
+        seen["grads"] = {p.grad.dtype for p in m.parameters()}
+        o.step()
+        return loss.detach()
+
+    run.with_amp(step, "bf16", "cpu")(model, opt, x, y)
+    assert seen["logits"] == torch.bfloat16
+    assert seen["grads"] == {torch.float32} and {p.dtype for p in model.parameters()} == {torch.float32}
+    run.with_amp(step, "none", "cpu")(model, opt, x, y)
+    assert seen["logits"] == torch.float32
+
+
+def test_cure_run_records_its_mask_path_and_device_settings(tmp_path, capsys):
+    metrics = run_cli(["cure", *SMALL, "--epochs", "1", "--natural-epochs", "1", "--train-size", "64",
+                       "--test-size", "16", "--attacks", "pgd10", "--channels-last", "--out", str(tmp_path)], capsys)
+    assert metrics["mask_path"] == "plain"                  # on a CPU the plain path runs
+    assert metrics["device_settings"] == dict(cudnn_benchmark=False, tf32=False, channels_last=True, amp="none")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["device_settings"] == metrics["device_settings"]
+
+
+def test_bench_report_fills_every_section_on_the_cpu(tmp_path, capsys):
+    report = run_cli(["bench", "report", "--device", "cpu", "--width", "2", "--batch-size", "4", "--reps", "1",
+                      "--attack-steps", "1", "--out", str(tmp_path)], capsys)
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    for name in ("resnet18", "wrn34_10"):
+        mask = report["mask"][name]
+        assert mask["bit_exact"] is True and mask["fused_ran"] is KERNELS_INTERPRETED
+        assert mask["plain_ms"] > 0 and mask["numpy_ms"] > 0
+        assert set(report["images_per_s"][name]) == {"natural", "at", "trades", "cure"}
+    for amp in ("none", "bf16"):
+        step = report["step"][amp]
+        assert step["ratio"] == step["ms"]["cure"] / step["ms"]["trades"]
+        assert {"attack", "revision forwards", "backward CE(x)", "backward CE(x_adv)", "backward rest", "mask",
+                "optimiser", "revision update"} <= set(step["phases_ms"]["cure"])
+    ips = report["images_per_s"]["resnet18"]
+    images = 200 * (49_000 - 49_000 % 128)
+    assert report["projection_hours"]["python run.py cure cifar10 --model resnet18"] == pytest.approx(
+        (images / ips["natural"] + images / ips["cure"]) / 3600)
+
+
+def test_robust_ft_imports_no_project_module():
+    """robust_ft.py is a self-contained library: kernels.py and run.py sit on top of it."""
+    import ast
+    tree = ast.parse(open(rf.__file__).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", None) == "__import__" and isinstance(node.args[0], ast.Constant)}
+    assert not imported & {"kernels", "run", "test_robust_ft"}, imported
+
+
+# -----------------------------------------------------------------------------
+# RobustBench model zoo (issue 12)
+# -----------------------------------------------------------------------------
+# Zoo checkpoints are made here, offline: an entry's architecture from robustbench's own registry
+# with random weights (random BatchNorm statistics too), saved in RobustBench's layout
+# MODEL_DIR/cifar10/Linf/NAME.pt; robustbench's downloader is replaced by one that fails as it does
+# without a network, so any download attempt shows. Wong2020Fast is a real zoo entry (PreAct ResNet-18,
+# full width: about 0.4 s per forward-backward of 8 images on one CPU thread), so it runs RiFT with
+# --module; MRC over every module and the whole selection run on a zoo-like entry registered here:
+# robustbench's own WideResNet class at depth 10, widen factor 1 (RobustBench's module names).
+# The tests skip when robustbench is not installed (CI's oldest leg), except the two that check the
+# behaviour without it. Not pytest.importorskip("robustbench"): robustbench 1.1.1's own __init__ fails
+# to import where `autoattack` is missing, which would skip them even when it is installed.
+import contextlib
+import importlib.util
+import shutil
+import sys
+
+ZOO = ["synthetic", "--preset", "quick", "--device", "cpu", "--no-autoattack", "--attacks", "pgd10",
+       "--train-size", "8", "--val-size", "1", "--test-size", "4", "--batch-size", "8",
+       "--rift-epochs", "1", "--mrc-size", "8"]
+ZOO_ENTRIES = {"Wong2020Fast": 11_171_146, "Addepalli2022Efficient_RN18": 11_173_962}   # parameters
+TINY = "Tiny2099ZooLike"          # the zoo-like entry: not a RobustBench name
+
+
+def robustbench_or_skip():
+    """The robustbench package (imported by robust_ft, see above); skips the test when not installed."""
+    if importlib.util.find_spec("robustbench") is None:
+        pytest.skip("robustbench is not installed (pip install -r requirements-zoo.txt)")
+    return rf.import_robustbench()
+
+
+def zoo_registry(rb, dataset="cifar10"):
+    """RobustBench's own L-inf registry for `dataset`, read here without robust_ft's helpers."""
+    enums = rb.model_zoo.enums
+    return rb.model_zoo.model_dicts[enums.BenchmarkDataset(dataset)][enums.ThreatModel.Linf]
+
+
+def save_zoo_checkpoint(model_dir, name, seed=0):
+    """A random `name` from robustbench's registry, saved as MODEL_DIR/cifar10/Linf/NAME.pt; its state."""
+    torch.manual_seed(seed)
+    model = randomise_bn(zoo_registry(rf.import_robustbench())[name]["model"](), seed)
+    path = model_dir / "cifar10" / "Linf" / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return snapshot(model)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """robustbench's checkpoint download fails as without a network; the calls are recorded."""
+    rb = robustbench_or_skip()
+    calls = []
+
+    def no_network(gdrive_id, path):
+        calls.append(str(path))
+        raise ConnectionError("Failed to resolve 'drive.google.com' (no network)")
+
+    monkeypatch.setattr(rb.utils, "download_gdrive_new", no_network)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def wong(tmp_path_factory):
+    """A model dir holding a random Wong2020Fast checkpoint: (dir, its state dict)."""
+    robustbench_or_skip()
+    model_dir = tmp_path_factory.mktemp("zoo")
+    return model_dir, save_zoo_checkpoint(model_dir, "Wong2020Fast")
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path, offline, monkeypatch):
+    """A model dir holding a checkpoint of the zoo-like entry TINY, registered for this test only."""
+    rb = robustbench_or_skip()
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+    monkeypatch.setitem(zoo_registry(rb), TINY, {"model": lambda: WideResNet(depth=10, widen_factor=1),
+                                                 "gdrive_id": "not-downloaded-in-tests"})
+    return tmp_path / "models", save_zoo_checkpoint(tmp_path / "models", TINY)
+
+
+def zoo_clean_accuracy(name, state, x, y):
+    """Clean accuracy (%) of `state` in NAME's architecture, built from robustbench's registry here."""
+    model = zoo_registry(rf.import_robustbench())[name]["model"]()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return 100.0 * (model.eval()(x).argmax(1) == y).double().mean().item()
+
+
+def true_autoattack_package():
+    """What an import finds, asked of the import system directly."""
+    return next((n for n in ("autoattack", "pyautoattack") if importlib.util.find_spec(n) is not None), None)
+
+
+@pytest.mark.parametrize("name", list(ZOO_ENTRIES))
+def test_zoo_checkpoint_loads_offline_with_the_saved_weights(name, tmp_path, offline):
+    saved = save_zoo_checkpoint(tmp_path, name, seed=3)
+    model = rf.load_robustbench_model(name, "cifar10", str(tmp_path))
+    assert offline == []                                       # the file was there: nothing downloaded
+    assert type(model) is type(zoo_registry(rf.import_robustbench())[name]["model"]()) and not model.training
+    assert sum(p.numel() for p in model.parameters()) == ZOO_ENTRIES[name]
+    state = model.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert rf.robustbench_files(name, "cifar10", "DIR") == [os.path.join("DIR", "cifar10", "Linf", f"{name}.pt")]
+    # robustbench was imported with a stand-in `autoattack`, which must not outlive the import:
+    # autoattack_one would otherwise drive pyautoattack with the official package's keywords
+    assert rf.autoattack_package() == true_autoattack_package() is not None
+    if true_autoattack_package() == "pyautoattack":
+        assert "autoattack" not in sys.modules and "autoattack.state" not in sys.modules
+
+
+def test_robustbench_stand_ins_live_only_during_the_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "autoattack", None)           # as if neither were installed
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)
+    with rf._robustbench_stand_ins():
+        from autoattack import AutoAttack
+        from autoattack.state import EvaluationState
+        import pkg_resources
+        assert pkg_resources.resource_filename("robust_ft", "x.txt") == os.path.join(
+            os.path.dirname(rf.__file__), "x.txt")
+        with pytest.raises(ImportError, match="official AutoAttack"):
+            AutoAttack(None)
+        with pytest.raises(ImportError):
+            EvaluationState()
+    assert sys.modules["autoattack"] is None and sys.modules["pkg_resources"] is None   # as before
+    assert "autoattack.state" not in sys.modules
+    assert rf.autoattack_package() == "pyautoattack"
+
+
+def test_cli_eval_on_a_zoo_checkpoint(wong, tmp_path, offline, capsys):
+    model_dir, saved = wong
+    out = tmp_path / "eval"
+    m = run_cli(["eval", *ZOO, "--init", "robustbench:Wong2020Fast", "--model-dir", str(model_dir),
+                 "--out", str(out)], capsys)
+    assert offline == []
+    assert m["model"] == m["checkpoint"] == "robustbench:Wong2020Fast" and m["width"] is None
+    assert m["weights"] == str(model_dir / "cifar10" / "Linf" / "Wong2020Fast.pt")
+    x, y = fast_test_split(4)
+    assert m["test"]["n"] == 4 and m["test"]["clean"] == pytest.approx(
+        zoo_clean_accuracy("Wong2020Fast", saved, x, y), abs=1e-9)
+    assert m["test"]["pgd10"] <= m["test"]["clean"]
+
+
+def test_cli_rift_module_on_a_zoo_checkpoint_saves_a_state_dict_robustbench_and_eval_read(
+        wong, tmp_path, offline, capsys, monkeypatch):
+    model_dir, saved = wong
+    module, out = "layer4.1.conv2", tmp_path / "rift"
+    monkeypatch.setattr(rf, "select_alpha", lambda table, tolerance: 0.5)   # the tuned module shows up
+    m = run_cli(["rift", *ZOO, "--init", "robustbench:Wong2020Fast", "--model-dir", str(model_dir),
+                 "--module", module, "--lr", "0.05", "--out", str(out)], capsys)
+    assert offline == [] and m["module"] == module and m["alpha"] == 0.5
+    assert m["state_dict"] == str(out / "model.pt") and len(m["alphas"]) == 11
+    tuned = torch.load(out / "model.pt", weights_only=True)             # a plain state dict of tensors
+    assert tuned.keys() == saved.keys()
+    for k, v in saved.items():                                          # only the fine-tuned module moved
+        assert torch.equal(tuned[k], v) != k.startswith(module + "."), k
+    assert torch.equal(torch.load(out / "checkpoint.pt", weights_only=False)["model"][f"{module}.weight"],
+                      tuned[f"{module}.weight"])
+    x, y = fast_test_split(4)
+    assert m["after"]["clean"] == pytest.approx(zoo_clean_accuracy("Wong2020Fast", tuned, x, y), abs=1e-9)
+    # RobustBench reads it as NAME.pt in its layout; --init-weights reads it into the zoo architecture
+    other = tmp_path / "models2"
+    (other / "cifar10" / "Linf").mkdir(parents=True)
+    shutil.copy(out / "model.pt", other / "cifar10" / "Linf" / "Wong2020Fast.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = rf.import_robustbench().utils.load_model("Wong2020Fast", str(other), "cifar10", "Linf")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tuned.items())
+    e = run_cli(["eval", *ZOO, "--init", "robustbench:Wong2020Fast", "--init-weights", str(out / "model.pt"),
+                 "--model-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "eval")], capsys)
+    assert e["weights"] == str(out / "model.pt") and e["test"]["clean"] == m["after"]["clean"]
+    assert offline == [] and not (tmp_path / "empty").exists()          # the zoo's checkpoint was not needed
+
+
+def test_cli_rift_mrc_only_ranks_every_conv_and_linear_of_a_zoo_like_model(tiny_zoo, tmp_path, capsys):
+    model_dir, _ = tiny_zoo
+    out = tmp_path / "mrc"
+    m = run_cli(["rift", *ZOO, "--init", f"robustbench:{TINY}", "--model-dir", str(model_dir), "--mrc-only",
+                 "--out", str(out)], capsys)
+    expected = {"conv1", "block1.layer.0.conv1", "block1.layer.0.conv2", "block2.layer.0.conv1",
+                "block2.layer.0.conv2", "block2.layer.0.convShortcut", "block3.layer.0.conv1",
+                "block3.layer.0.conv2", "block3.layer.0.convShortcut", "fc"}
+    assert set(m["mrc"]) == expected and list(m["mrc"].values()) == sorted(m["mrc"].values())
+    assert m["module"] == next(iter(m["mrc"])) and m["mrc_examples"] == 8
+    assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_cli_full_rift_on_a_zoo_like_model(tiny_zoo, tmp_path, offline, capsys):
+    model_dir, saved = tiny_zoo
+    out = tmp_path / "rift"
+    m = run_cli(["rift", *ZOO, "--init", f"robustbench:{TINY}", "--model-dir", str(model_dir),
+                 "--val-size", "16", "--out", str(out)], capsys)
+    assert offline == [] and m["module"] == min(m["mrc"], key=m["mrc"].get)
+    assert [r["alpha"] for r in m["alphas"]] == [i / 10 for i in range(11)]
+    assert m["alpha"] == rf.select_alpha(m["alphas"], 0.1)
+    tuned = torch.load(out / "model.pt", weights_only=True)
+    for k, v in saved.items():                        # nothing outside the chosen module moved
+        if not k.startswith(m["module"] + "."):
+            assert torch.equal(tuned[k], v), k
+    x, y = fast_test_split(4)
+    assert m["before"]["clean"] == pytest.approx(zoo_clean_accuracy(TINY, saved, x, y), abs=1e-9)
+    assert m["after"]["clean"] == pytest.approx(zoo_clean_accuracy(TINY, tuned, x, y), abs=1e-9)
+
+
+def cli_error(argv, capsys):
+    """The one stderr line of a run that exits with code 2."""
+    with pytest.raises(SystemExit) as e:
+        run.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("run.py: error: "), err
+    return err[0]
+
+
+def test_zoo_without_robustbench_names_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "robustbench", None)              # as if not installed
+    line = cli_error(["eval", *ZOO, "--init", "robustbench:Wong2020Fast", "--out", str(tmp_path)], capsys)
+    assert "pip install -r requirements-zoo.txt" in line
+
+
+def test_zoo_option_errors_need_no_robustbench(tmp_path, capsys):
+    base = [*ZOO[1:], "--out", str(tmp_path)]
+    assert "--init-weights needs --init robustbench:NAME" in cli_error(
+        ["eval", "synthetic", *base, "--init", "m.pt", "--init-weights", "w.pt"], capsys)
+    assert "works with eval and rift, not 'at'" in cli_error(
+        ["at", "synthetic", *base, "--init", "robustbench:Wong2020Fast"], capsys)
+    assert "not 'svhn'" in cli_error(["eval", "svhn", *base, "--init", "robustbench:Wong2020Fast"], capsys)
+
+
+def test_zoo_errors_are_one_line_naming_the_bad_value(wong, tmp_path, offline, capsys):
+    model_dir, _ = wong
+    base = [*ZOO, "--out", str(tmp_path / "out"), "--model-dir", str(model_dir)]
+    line = cli_error(["eval", *base, "--init", "robustbench:Wong2021Fast"], capsys)      # a typo
+    assert "unknown RobustBench model 'Wong2021Fast' (cifar10, Linf)" in line and "'Wong2020Fast'" in line
+    line = cli_error(["eval", *base, "--init", "robustbench:Addepalli2022Efficient_RN18"], capsys)   # no file
+    path = str(model_dir / "cifar10" / "Linf" / "Addepalli2022Efficient_RN18.pt")
+    assert offline == [path] and f"{path} does not exist" in line and "put the checkpoint file there" in line
+    c100 = next(n for n in zoo_registry(rf.import_robustbench(), "cifar100") if n not in zoo_registry(
+        rf.import_robustbench()))                                      # a CIFAR-100-only entry
+    line = cli_error(["eval", *base, "--init", f"robustbench:{c100}"], capsys)
+    assert "has 100 (cifar100) classes, the synthetic data has 10" in line
+    wrong = tmp_path / "resnet18.pt"
+    torch.save(rf.build_model("resnet18", 10, 4).state_dict(), wrong)
+    line = cli_error(["eval", *base, "--init", "robustbench:Wong2020Fast", "--init-weights", str(wrong)], capsys)
+    assert str(wrong) in line and "it must be a state dict of robustbench:Wong2020Fast" in line
+    assert "no such checkpoint file" in cli_error(
+        ["eval", *base, "--init", "robustbench:Wong2020Fast", "--init-weights", str(tmp_path / "none.pt")], capsys)
