@@ -61,9 +61,11 @@ PRESETS = {
         aa_size=200,                   # AutoAttack on the first 200 test images (see README for its time)
     ),
 }
-SYNTHETIC_QUICK = dict(  # synthetic + quick: about a minute on a 2-core CPU
+# synthetic + quick: about a minute on a 2-core CPU, so no AutoAttack unless --autoattack is given
+# (its Square attack alone makes 5,000 queries per image that survives the others: minutes on a CPU)
+SYNTHETIC_QUICK = dict(
     width=8, epochs=3, natural_epochs=3, batch_size=32, train_size=800, val_size=200,
-    test_size=100, epoch_eval_size=64, attack_steps=3, rift_epochs=2, mrc_size=64, aa_size=32)
+    test_size=100, epoch_eval_size=64, attack_steps=3, rift_epochs=2, mrc_size=64, autoattack=False, aa_size=32)
 WEIGHT_DECAY = {  # per method, from each method's paper / official code
     "natural": 5e-4, "at": 5e-4,       # Rice et al. 2020
     "trades": 2e-4,                    # TRADES official code

@@ -2504,3 +2504,17 @@ def test_zoo_errors_are_one_line_naming_the_bad_value(wong, tmp_path, offline, c
     assert str(wrong) in line and "it must be a state dict of robustbench:Wong2020Fast" in line
     assert "no such checkpoint file" in cli_error(
         ["eval", *base, "--init", "robustbench:Wong2020Fast", "--init-weights", str(tmp_path / "none.pt")], capsys)
+
+
+def test_autoattack_defaults_per_preset():
+    """On wherever `evaluate` reports a paper table (paper: all test images, quick: 200), off for the
+    one-minute synthetic run unless asked for; an explicit flag always wins."""
+    def resolved(*argv):
+        args = run.resolve(run.parse_args(list(argv)))
+        return args.autoattack, args.aa_size
+
+    assert resolved("cure", "cifar10") == (True, None)
+    assert resolved("cure", "folder", "--preset", "quick") == (True, 200)
+    assert resolved("cure", "synthetic", "--preset", "quick") == (False, 32)
+    assert resolved("cure", "synthetic", "--preset", "quick", "--autoattack") == (True, 32)
+    assert resolved("eval", "cifar10", "--no-autoattack", "--aa-size", "50") == (False, 50)
