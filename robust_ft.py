@@ -1512,55 +1512,47 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
     was_training = model.training
     model.eval()
     n = len(split)
-    result = {"n": n, "counts": {}}
-    worst = None                                    # per-example AND over the finished attacks
+    result, per_example = {"n": n, "counts": {}}, {}
     total = math.ceil(n / batch_size) * (1 + len(attacks))
     done = 0
 
-    def record(name, correct):
-        nonlocal worst
-        result["counts"][name] = int(correct.sum())
-        result[name] = percent(correct.sum(), len(correct))
-        if name != "clean" and len(correct) == n:
-            worst = correct if worst is None else worst & correct
-            result["robust"] = percent(worst.sum(), n)
-
-    def tick():
+    def correct_under(name):
+        """Per-example correctness on the clean images, under one PGD attack, or under AutoAttack."""
         nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+        if name == "autoattack":
+            part = split if aa_size is None or aa_size >= n else split.subset(slice(0, aa_size))
+            x_all, y_all = next(batches(part, len(part)))
+            return autoattack_correct(model, x_all, y_all, eps, batch_size, seed, aa_state_path)
+        correct = []
+        for x, y in batches(split, batch_size):
+            if name != "clean":
+                x_adv = pgd(model, x, y, eps, step_size, **EVAL_ATTACKS[name])
+                check_adversarial(x_adv, x, eps)
+                x = x_adv
+            with torch.no_grad():
+                correct.append(model(x).argmax(1) == y)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        return torch.cat(correct)
 
     try:
-        for name in ("clean", *attacks):
+        for name in ("clean", *attacks, *(("autoattack",) if autoattack else ())):
             try:
-                correct = []
-                for x, y in batches(split, batch_size):
-                    if name != "clean":
-                        x_adv = pgd(model, x, y, eps, step_size, **EVAL_ATTACKS[name])
-                        check_adversarial(x_adv, x, eps)
-                        x = x_adv
-                    with torch.no_grad():
-                        correct.append(model(x).argmax(1) == y)
-                    tick()
-                record(name, torch.cat(correct))
-                if name == "clean":
-                    clean = torch.cat(correct)
+                correct = per_example[name] = correct_under(name)
             except Exception as e:                  # keep what finished; name what failed
                 result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
-            if on_result is not None:
-                on_result(result)
-        if autoattack:
-            try:
-                part = split if aa_size is None or aa_size >= n else split.subset(slice(0, aa_size))
-                x_all, y_all = next(batches(part, len(part)))
-                record("autoattack", autoattack_correct(model, x_all, y_all, eps, batch_size, seed,
-                                                        aa_state_path))
-                result["n_autoattack"] = len(part)
-                if len(part) < n and "clean" in result["counts"]:   # for NRR against AA on the same images
-                    result["clean_autoattack"] = percent(clean[:len(part)].sum(), len(part))
-            except Exception as e:
-                result.setdefault("failed", {})["autoattack"] = f"{type(e).__name__}: {e}"
+            else:
+                m = len(correct)
+                result["counts"][name] = int(correct.sum())
+                result[name] = percent(correct.sum(), m)
+                if name != "clean" and m == n:     # the worst case over attacks of the whole split
+                    worst = torch.stack([v for k, v in per_example.items() if k != "clean" and len(v) == n])
+                    result["robust"] = percent(worst.all(0).sum(), n)
+                if name == "autoattack":
+                    result["n_autoattack"] = m
+                    if m < n and "clean" in per_example:    # for NRR against AA on the same images
+                        result["clean_autoattack"] = percent(per_example["clean"][:m].sum(), m)
             if on_result is not None:
                 on_result(result)
     finally:
