@@ -437,8 +437,14 @@ def mask_path(mask_fn):
 
 def autocast(amp, device):
     """bf16 autocast on `device` when amp == "bf16" (else a context that does nothing): the forwards,
-    and so the training attack, run in bf16; parameters, their gradients and the optimiser stay float32."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    and so the training attack, run in bf16; parameters, their gradients and the optimiser stay float32.
+
+    The cast-weight cache is off: the TRADES/CURE attack's first forward runs under no_grad, and
+    older PyTorch (2.6 here) then reuses those detached casts in the training forward, so the
+    parameters get no gradient (autograd.grad raises; backward() leaves .grad None, silently).
+    """
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16",
+                          cache_enabled=False)
 
 
 def with_amp(step, amp, device):

@@ -2217,6 +2217,11 @@ def test_amp_bf16_runs_the_forwards_in_bf16_and_keeps_parameters_and_gradients_f
     assert seen["grads"] == {torch.float32} and {p.dtype for p in model.parameters()} == {torch.float32}
     run.with_amp(step, "none", "cpu")(model, opt, x, y)
     assert seen["logits"] == torch.float32
+    # TRADES' attack starts with a no_grad forward: every parameter must still get its gradient
+    before = [p.detach().clone() for p in model.parameters()]
+    run.with_amp(lambda m, o, xb, yb: rf.trades_step(m, o, xb, yb, EPS, 2 / 255, 1), "bf16", "cpu")(model, opt, x, y)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(p0, p) for p0, p in zip(before, model.parameters()))
 
 
 def test_cure_run_records_its_mask_path_and_device_settings(tmp_path, capsys):
