@@ -1264,12 +1264,18 @@ def test_channels_last_gradients_take_the_fused_path_without_copies():
     _compare(*mixed, 0.1, 30.0, expect_launches=6 + 2 * (1 + 1 + 1))
 
 
-@needs_kernels
-def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(monkeypatch):
-    gen = torch.Generator().manual_seed(11)
+def resnet_like_lists_and_plain_mask(seed):
+    """Random g, g_nat, g_adv of RESNET_LIKE shapes, and g masked by the plain path (p 30, alpha 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
     lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
     ref = [g.clone() for g in lists[0]]
     rf.rgp_mask_(ref, lists[1], lists[2], 0.1, 30.0)
+    return lists, ref
+
+
+@needs_kernels
+def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(monkeypatch):
+    lists, ref = resnet_like_lists_and_plain_mask(11)
     plain_calls = []
     real_plain = rf.rgp_mask_
     monkeypatch.setattr(rf, "rgp_mask_", lambda *a: plain_calls.append(1) or real_plain(*a))
@@ -1284,10 +1290,7 @@ def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(m
 
 @needs_kernels
 def test_checked_fused_mask_falls_back_on_a_mismatch_and_says_so(monkeypatch):
-    gen = torch.Generator().manual_seed(12)
-    lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
-    ref = [g.clone() for g in lists[0]]
-    rf.rgp_mask_(ref, lists[1], lists[2], 0.1, 30.0)
+    lists, ref = resnet_like_lists_and_plain_mask(12)
     real_launch = kernels._launch_rgp_mask
 
     def off_by_one(grads, *args):                   # a broken kernel: one more zero in tensor 2
