@@ -327,10 +327,11 @@ def run_error(argv, capsys):
     (["at", "synthetic", "--eps", "-1"], ["-1", ">= 0"]),
     (["at", "synthetic", "--preset", "fast"], ["'fast'", "paper", "quick"]),
     (["at", "synthetic", "--attacks", "pgd7"], ["'pgd7'", "pgd20"]),
-    (["bench", "everything"], ["'everything'", "step", "mask"]),
+    (["bench", "everything"], ["'everything'", "step", "mask", "report"]),
     (["cure", "synthetic", "--revision-rate", "0"], ["--revision-rate 0", "(0, 1]"]),
     (["cure", "synthetic", "--revision-decay", "1"], ["--revision-decay 1", "[0, 1)"]),
     (["eval", "synthetic", "--aa-size", "0"], ["--aa-size 0", "positive"]),
+    (["at", "synthetic", "--amp", "fp16"], ["'fp16'", "none", "bf16"]),
 ])
 def test_bad_input_gives_a_one_line_error_and_exit_2(argv, words, capsys):
     err = run_error(argv, capsys)
