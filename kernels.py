@@ -511,37 +511,54 @@ def median_ms(fn, warmup, reps, sync):
     return statistics.median(times)
 
 
+def bench_mask_row(grads, grads_nat, grads_adv, alpha=0.1, percentile=30.0, warmup=1, reps=3,
+                   peak_bytes_per_s=3.35e12):
+    """Time the plain, official-style (NumPy) and fused masks on one model's gradient lists.
+
+    First checks on copies that the fused path (compiled on CUDA, interpreted on a CPU under
+    TRITON_INTERPRET=1) gives the plain path's mask bit for bit ("bit_exact"; "fused_ran" says
+    whether the kernels ran at all). Times are medians in ms of the mask in place on `grads`; the
+    fused path is timed on CUDA only (the interpreter is no benchmark).
+    """
+    on_cuda = grads[0].device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    args = (grads, grads_nat, grads_adv, alpha, percentile)
+    plain, fused = [g.clone() for g in grads], [g.clone() for g in grads]
+    robust_ft.rgp_mask_(plain, grads_nat, grads_adv, alpha, percentile)
+    fused_ran = _fused_path_applies([*fused, *grads_nat, *grads_adv])
+    fused_rgp_mask_(fused, grads_nat, grads_adv, alpha, percentile)
+    traffic = fused_traffic_bytes(grads, grads_nat, grads_adv)
+    row = {"n_tensors": len(grads), "n_elements": sum(g.numel() for g in grads), "fused_ran": fused_ran,
+           "bit_exact": all(entries_differing(a, b) == 0 for a, b in zip(plain, fused)),
+           "traffic_bytes": traffic, "ideal_ms": traffic / peak_bytes_per_s * 1e3,
+           "plain_ms": median_ms(lambda: robust_ft.rgp_mask_(*args), warmup, reps, sync),
+           "numpy_ms": median_ms(lambda: numpy_rgp_mask_(*args), warmup, reps, sync)}
+    if on_cuda and fused_ran:
+        fused_ms = median_ms(lambda: fused_rgp_mask_(*args), warmup, reps, sync)
+        row.update(fused_ms=fused_ms, fused_gb_per_s=traffic / fused_ms / 1e6,
+                   fused_fraction_of_peak=traffic / (fused_ms * 1e-3) / peak_bytes_per_s)
+    else:
+        row.update(fused_ms=None, fused_note="timed on a CUDA GPU only (with Triton)")
+    return row
+
+
 def bench_mask(shapes_by_model, percentile=30.0, alpha=0.1, warmup=1, reps=3, device=None,
                peak_bytes_per_s=3.35e12):
-    """Time the plain, official-style (numpy) and fused masks on random gradients.
+    """`bench_mask_row` on random gradients of the masked tensors' shapes of each model.
 
     shapes_by_model: {"resnet18": [(64, 3, 3, 3), ...], ...}, the shapes of the masked tensors.
     percentile, alpha: CURE's ResNet-18 CIFAR-10 setting (methods.md, Table 9 row 1).
     peak_bytes_per_s: HBM bandwidth for the fraction of peak (H100 SXM: 3.35 TB/s).
-    Returns {"device": name, "peak_bytes_per_s": ..., "models": {name: {...}}}, JSON-serialisable;
-    times are medians in ms. The fused path is timed on CUDA only (the interpreter is no benchmark).
+    Returns {"device": name, "peak_bytes_per_s": ..., "models": {name: row}}, JSON-serialisable.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(0)
-    result = {"device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "peak_bytes_per_s": peak_bytes_per_s, "models": {}}
     for name, shapes in shapes_by_model.items():
         grads, grads_nat, grads_adv = ([torch.randn(s, generator=gen, device=device) for s in shapes]
                                        for _ in range(3))
-        args = (grads, grads_nat, grads_adv, alpha, percentile)
-        traffic = fused_traffic_bytes(grads, grads_nat, grads_adv)
-        row = {"n_tensors": len(shapes), "n_elements": sum(g.numel() for g in grads),
-               "traffic_bytes": traffic, "ideal_ms": traffic / peak_bytes_per_s * 1e3,
-               "plain_ms": median_ms(lambda: robust_ft.rgp_mask_(*args), warmup, reps, sync),
-               "numpy_ms": median_ms(lambda: numpy_rgp_mask_(*args), warmup, reps, sync)}
-        if on_cuda and triton is not None:
-            fused_ms = median_ms(lambda: fused_rgp_mask_(*args), warmup, reps, sync)
-            row.update(fused_ms=fused_ms, fused_gb_per_s=traffic / fused_ms / 1e6,
-                       fused_fraction_of_peak=traffic / (fused_ms * 1e-3) / peak_bytes_per_s)
-        else:
-            row.update(fused_ms=None, fused_note="needs a CUDA GPU (and Triton)")
-        result["models"][name] = row
-        del grads, grads_nat, grads_adv, args
+        result["models"][name] = bench_mask_row(grads, grads_nat, grads_adv, alpha, percentile, warmup, reps,
+                                                peak_bytes_per_s)
+        del grads, grads_nat, grads_adv
     return result

@@ -514,7 +514,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     if method == "cure":
         cfg = cure_config(args, model)
         total = (epochs - args.warmup_epochs) * steps_per_epoch       # CURE steps: r_t reaches r/10 at the end
-        decay = rf.revision_decay(cfg.decay, cfg.rate, (epochs - args.warmup_epochs) * steps_per_epoch)
+        decay = rf.revision_decay(cfg.decay, cfg.rate, total)
         cure_state = dict(cfg=cfg, revision=rf.Revision(model), decay=decay, step=0, total_steps=total,
                           generator=torch.Generator().manual_seed(args.seed + 1),
                           mask_fn=mask_function(args.device), updated={})
@@ -868,7 +868,7 @@ def cure_step_phases(model, opt, x, y, revision, cfg, mask_fn, eps, step_size, s
     timer("revision update")
 
 
-def report_mask(models, width_scale, batch, device, reps, sync):
+def report_mask(models, width_scale, batch, device, reps):
     """(a) plain, NumPy and fused masks on the gradients of real backward passes, bit-exact check."""
     import kernels
     rows = {}
@@ -880,24 +880,8 @@ def report_mask(models, width_scale, batch, device, reps, sync):
         params = [p for _, p in rf.masked_parameters(model)]
         g_nat = torch.autograd.grad(F.cross_entropy(model(x), y), params)
         g_adv = torch.autograd.grad(F.cross_entropy(model((x + 8 / 255 * torch.randn_like(x)).clamp(0, 1)), y), params)
-        args = lambda gs: (gs, list(g_nat), list(g_adv), 0.1, 30.0)             # noqa: E731
-        plain = [g.clone() for g in g_nat]
-        rf.rgp_mask_(*args(plain))
-        fused = [g.clone() for g in g_nat]
-        applies = kernels._fused_path_applies([*fused, *g_nat, *g_adv])
-        kernels.fused_rgp_mask_(*args(fused))
-        traffic = kernels.fused_traffic_bytes(fused, g_nat, g_adv)
-        row = dict(width=width, tensors=len(params), entries=sum(p.numel() for p in params),
-                   fused_ran=applies, bit_exact=all(kernels.entries_differing(a, b) == 0 for a, b in zip(plain, fused)),
-                   traffic_bytes=traffic,
-                   plain_ms=kernels.median_ms(lambda: rf.rgp_mask_(*args([g.clone() for g in g_nat])), 1, reps, sync),
-                   numpy_ms=kernels.median_ms(lambda: kernels.numpy_rgp_mask_(*args([g.clone() for g in g_nat])), 1, reps, sync))
-        if applies and torch.device(device).type == "cuda":   # the interpreter is no benchmark
-            work = [g.clone() for g in g_nat]
-            row["fused_ms"] = kernels.median_ms(lambda: kernels.fused_rgp_mask_(*args(work)), 1, reps, sync)
-            row["fused_gb_per_s"] = traffic / row["fused_ms"] / 1e6
-            row["fused_fraction_of_peak"] = row["fused_gb_per_s"] * 1e9 / 3.35e12
-        rows[name] = row
+        rows[name] = dict(width=width, **kernels.bench_mask_row([g.clone() for g in g_nat], list(g_nat), list(g_adv),
+                                                                reps=reps))
     return rows
 
 
@@ -988,7 +972,7 @@ def bench_report(args):
                   threads=torch.get_num_threads(), batch=batch, widths=widths, attack_steps=args.attack_steps,
                   reps=reps, device_settings=args.device_settings, versions=versions())
     print("(a) RGP mask on real gradients", file=sys.stderr)
-    report["mask"] = report_mask(("resnet18", "wrn34_10"), scale, batch, args.device, reps, sync)
+    report["mask"] = report_mask(("resnet18", "wrn34_10"), scale, batch, args.device, reps)
     print("(b, e) training steps", file=sys.stderr)
     report["step"] = {amp: report_steps(args, widths[args.model], batch, reps, sync, amp) for amp in ("none", "bf16")}
     print("(c) epoch throughput", file=sys.stderr)
@@ -1012,7 +996,7 @@ def print_report(r):
     """One table on stderr: the report's headline numbers."""
     lines = [f"bench report on {r['device_name']} ({r['device']}), batch {r['batch']}, widths {r['widths']}"]
     for name, m in r["mask"].items():
-        fused = f"{m['fused_ms']:.3f} ms ({m['fused_gb_per_s']:.0f} GB/s)" if "fused_ms" in m else "interpreted"
+        fused = f"{m['fused_ms']:.3f} ms ({m['fused_gb_per_s']:.0f} GB/s)" if m["fused_ms"] else "not timed"
         lines.append(f"  mask {name:9} plain {m['plain_ms']:8.2f} ms  numpy {m['numpy_ms']:8.2f} ms  fused {fused}"
                      f"  bit-exact {m['bit_exact']}")
     for amp, st in r["step"].items():
