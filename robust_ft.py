@@ -8,6 +8,7 @@ Reading order:
   5. CURE        RGP update mask (Eq. 6), revision model (Eq. 7), consistency loss (Eq. 8)
   6. RiFT        module robust criticality, module fine-tuning, weight interpolation
   7. Evaluation  clean / PGD / CW / AutoAttack accuracy, NRR (Eq. 9), checkpoints
+  8. Data parallel  N processes (torchrun) that compute what one process computes
 
 Equation numbers refer to the CURE paper (Conserve-Update-Revise, "CURE"); RiFT refers to
 "Improving Generalization of Adversarial Training via Robust Critical Fine-Tuning" (ICCV 2023).
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -503,17 +505,27 @@ def augment(x, generator):
     return padded[batch, chan, rows, cols]
 
 
-def batches(split, batch_size, generator=None, train=False):
-    """Yield (x, y) with x float in [0, 1]; with train=True shuffled, augmented and full batches only."""
+def batches(split, batch_size, generator=None, train=False, rank=0, world_size=1):
+    """Yield (x, y) with x float in [0, 1]; with train=True shuffled, augmented and full batches only.
+
+    Data parallel (train=True): every rank draws the same global batch of `batch_size` from the
+    same `generator` and keeps rows [rank * b, (rank + 1) * b), b = batch_size / world_size, so N
+    ranks together see exactly the batches one process sees.
+    """
+    if world_size > 1 and (not train or batch_size % world_size):
+        raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}, and only "
+                         f"training batches are split (evaluation shards whole batches)")
     n = len(split)
     order = torch.randperm(n, generator=generator).to(split.y.device) if train else None
     stop = n - n % batch_size if train and n >= batch_size else n
+    mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size] if train else slice(i, i + batch_size)
-        x = split.x[idx]
+        x, y = split.x[idx], split.y[idx]
         if train:
-            x = augment(x, generator)
-        yield x.float().div_(255), split.y[idx]
+            x = augment(x, generator)       # the whole batch: every rank consumes the same draws
+            x, y = x[mine], y[mine]
+        yield x.float().div_(255), y
 
 
 # =============================================================================
@@ -530,12 +542,13 @@ def cw_margin(logits, y):
     return others.max(dim=1).values - z_y
 
 
-def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random_start=True):
+def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random_start=True, generator=None):
     """L-inf PGD: x^{t+1} = clip_[0,1](Proj_eps(x^t + step * sign(grad_x L(x^t)))).
 
     loss: "ce" cross-entropy, "cw" margin max_{j != y} z_j - z_y, "kl" the TRADES inner
     maximisation KL(p(x) || p(x')) started at x + 0.001 * N(0, 1) (Eq. 4). The model is put in
     eval mode (BatchNorm uses running statistics) and restored; parameters get no gradient.
+    The random start comes from `generator` (on x's device), or from torch's global generator.
     """
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; choose one of {list(ATTACK_LOSSES)}")
@@ -548,9 +561,9 @@ def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random
             if loss == "kl":
                 with torch.no_grad():
                     p_nat = F.softmax(model(x), dim=1)
-                x_adv = x + 0.001 * torch.randn_like(x)
+                x_adv = x + 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             elif random_start:
-                x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+                x_adv = x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)
             else:
                 x_adv = x.clone()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
@@ -581,29 +594,32 @@ def trades_loss(logits_nat, logits_adv, y, beta=6.0):
     return F.cross_entropy(logits_nat, y) + beta * kl
 
 
-def natural_step(model, optimizer, x, y):
-    """One SGD step on CE(f(x), y). Returns the detached loss (no host sync)."""
-    loss = F.cross_entropy(model(x), y)
+def sgd_update(model, optimizer, loss, average=None):
+    """Backward `loss`, then one optimiser step. `average` (data parallel, see section 8) is called
+    on the gradients first, and replaces them by their mean over the ranks."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if average is not None:
+        average([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
     return loss.detach()
 
 
-def at_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10):
+def natural_step(model, optimizer, x, y, average=None):
+    """One SGD step on CE(f(x), y). Returns the detached loss (no host sync)."""
+    return sgd_update(model, optimizer, F.cross_entropy(model(x), y), average)
+
+
+def at_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, average=None):
     """Madry AT: one SGD step on CE(f(x_adv), y), x_adv = PGD-`steps` on CE."""
     x_adv = pgd(model, x, y, eps, step_size, steps, loss="ce")
-    return natural_step(model, optimizer, x_adv, y)
+    return natural_step(model, optimizer, x_adv, y, average)
 
 
-def trades_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, beta=6.0):
+def trades_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, beta=6.0, average=None):
     """TRADES: one SGD step on `trades_loss`, x_adv from the KL inner maximisation."""
     x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")
-    loss = trades_loss(model(x), model(x_adv), y, beta)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    return sgd_update(model, optimizer, trades_loss(model(x), model(x_adv), y, beta), average)
 
 
 def make_optimizer(model, lr, weight_decay, momentum=0.9):
@@ -620,20 +636,26 @@ def step_lr(base_lr, epoch, epochs, milestones=(0.5, 0.75)):
     return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
 
 
-def train_epoch(model, optimizer, step, split, batch_size, lr, generator, progress=None):
-    """Run `step(model, optimizer, x, y)` over one shuffled, augmented epoch. Returns mean loss."""
+def train_epoch(model, optimizer, step, split, batch_size, lr, generator, progress=None, rank=0, world_size=1):
+    """Run `step(model, optimizer, x, y)` over one shuffled, augmented epoch. Returns mean loss.
+
+    Data parallel: this rank's slice of each global batch (see `batches`); the loss is the mean
+    over the ranks too (one all-reduce per epoch).
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
     total, count = None, 0
     n_batches = max(1, len(split) // batch_size)
-    for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True)):
+    for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True, rank=rank, world_size=world_size)):
         loss = step(model, optimizer, x, y)
         total = loss if total is None else total + loss   # summed on the device: no sync per step
         count += 1
         if progress is not None:
             progress(i + 1, n_batches)
-    return float(total) / max(count, 1) if total is not None else float("nan")
+    if total is None:
+        return float("nan")
+    return float(mean_over_ranks(total, world_size)) / count
 
 
 # =============================================================================
@@ -814,13 +836,16 @@ def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
 
 
 def cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generator,
-              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None):
+              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None, average=None):
     """One CURE step (Algorithm 1): attack, three gradients, RGP mask, SGD step, revision.
 
     `decay` is the d actually used (see `revision_decay`), `rate` the current r_t, `step` the
     global step count (for the mean-teacher warm-up). If `updated` (a dict) is given, the number
     of updated entries per masked tensor is added to it on the device (Figure 6b).
-    Returns the detached loss L.
+    Data parallel: `average` (section 8) replaces g, and g_nat, g_adv of the masked tensors, by
+    their means over the ranks before the mask, so every rank computes the same mask, and
+    `generator` must be seeded alike on every rank (the same revision coin). Returns the
+    detached loss L.
     """
     x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                         # Eq. 4
     with torch.no_grad():
@@ -829,6 +854,8 @@ def cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generato
     params = [p for p in model.parameters() if p.requires_grad]
     index = {id(p): i for i, p in enumerate(params)}
     sel = [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
+    if average is not None:       # the scores need the mean g_nat, g_adv: 3x the plain volume
+        average([*g, *(g_nat[i] for _, i in sel), *(g_adv[i] for _, i in sel)])
     (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel], [g_adv[i] for _, i in sel],
                            cfg.alpha, cfg.percentile)                                  # Eq. 6, Alg. 1 l. 20
     if updated is not None:
@@ -1009,14 +1036,15 @@ def non_robust_critical_module(mrc):
 
 
 def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, batch_size=128, generator=None,
-                    progress=None):
+                    progress=None, rank=0, world_size=1, average=None):
     """RiFT step 2: fine-tune only module `name` on clean training data; returns per-epoch mean loss.
 
     SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 / 10 from epoch epochs // 2 on (spec; the
     official MultiStepLR([epochs // 2])). Every other parameter is frozen and the model stays in
     eval mode, so no BatchNorm statistic moves (the official code fine-tunes in train mode):
     afterwards only the module's own tensors differ. requires_grad flags and mode are restored,
-    no .grad is left. `progress(i, n)` counts batches over the whole run.
+    no .grad is left. `progress(i, n)` counts batches over the whole run. Data parallel: as
+    `train_epoch` (this rank's slice of each batch, `average` for the gradients).
     """
     own = {id(p) for p in rift_module(model, name).parameters()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -1033,13 +1061,13 @@ def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, b
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(lr, epoch, epochs, milestones)
             total, count = None, 0
-            for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True)):
-                loss = natural_step(model, optimizer, x, y)
+            for i, (x, y) in enumerate(batches(split, batch_size, generator, True, rank, world_size)):
+                loss = natural_step(model, optimizer, x, y, average)
                 total = loss if total is None else total + loss      # on the device: no sync per step
                 count += 1
                 if progress is not None:
                     progress(epoch * per_epoch + i + 1, epochs * per_epoch)
-            losses.append(float(total) / count if count else float("nan"))
+            losses.append(float(mean_over_ranks(total, world_size)) / count if count else float("nan"))
         optimizer.zero_grad(set_to_none=True)
     finally:
         for p, flag in flags:
@@ -1431,7 +1459,7 @@ def autoattack_one(model, x, y, eps, attack, seed=0, batch_size=256):
     return adversary.run_standard_evaluation(x, y, batch_size=batch_size)[0]
 
 
-def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None):
+def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None, rank=0, world_size=1):
     """Per-example correctness (bool, (N,)) under AutoAttack, standard version, L-inf.
 
     The four attacks run in order, each only on the examples that every earlier one failed to
@@ -1439,6 +1467,9 @@ def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None
     atomically) after every batch, and a call with the same path continues an interrupted run
     where it stopped. (pyautoattack 0.2.0's own `state_path` cannot resume: its restore branch
     leaves `y_adv` unbound.) The model must be in eval mode.
+    Data parallel: the pending examples go in rounds of one batch per rank, and the flags are
+    gathered after each round, so every batch is the one a single process would attack; every
+    rank reads `state_path`, rank 0 alone writes it.
     """
     n, device = len(y), y.device
     fresh = dict(n=n, eps=eps, seed=seed, labels=y.tolist(), done=[], pending=None, flags=None)
@@ -1451,13 +1482,17 @@ def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None
                              f"(examples, eps or seed differ); delete it to start over")
 
     def save():
-        if state_path is not None:
+        if state_path is not None and rank == 0:
             save_json(state_path, state)
 
+    def clean(out):                        # this rank's batches of the clean forward
+        for i in range(rank, math.ceil(n / batch_size), world_size):
+            part = slice(i * batch_size, (i + 1) * batch_size)
+            with torch.no_grad():
+                out[part] = model(x[part]).argmax(1) == y[part]
+
     if state["flags"] is None:
-        with torch.no_grad():
-            state["flags"] = torch.cat([model(xb).argmax(1) == yb for xb, yb in
-                                        zip(x.split(batch_size), y.split(batch_size))]).tolist()
+        state["flags"] = gather_shards(clean, n, world_size, device).bool().tolist()
         save()
     flags = torch.tensor(state["flags"], dtype=torch.bool, device=device)
     for attack in AUTOATTACK_STANDARD:
@@ -1466,12 +1501,20 @@ def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None
         if state["pending"] is None:       # this attack starts: every example still robust
             state["pending"] = flags.nonzero().flatten().tolist()
         while state["pending"]:
-            idx = torch.tensor(state["pending"][:batch_size], device=device)
-            x_adv = autoattack_one(model, x[idx], y[idx], eps, attack, seed, batch_size)
-            check_adversarial(x_adv, x[idx], eps)
-            with torch.no_grad():
-                flags[idx] &= model(x_adv).argmax(1) == y[idx]
-            state["flags"], state["pending"] = flags.tolist(), state["pending"][batch_size:]
+            chunk = state["pending"][:batch_size * world_size]     # one batch per rank
+
+            def attack_mine(out):
+                mine = slice(rank * batch_size, (rank + 1) * batch_size)
+                idx = torch.tensor(chunk[mine], dtype=torch.long, device=device)
+                if len(idx):
+                    x_adv = autoattack_one(model, x[idx], y[idx], eps, attack, seed, batch_size)
+                    check_adversarial(x_adv, x[idx], eps)
+                    with torch.no_grad():
+                        out[mine] = model(x_adv).argmax(1) == y[idx]
+
+            still = gather_shards(attack_mine, len(chunk), world_size, device).bool()
+            flags[torch.tensor(chunk, device=device)] &= still
+            state["flags"], state["pending"] = flags.tolist(), state["pending"][len(chunk):]
             save()
         state["done"].append(attack)
         state["pending"] = None
@@ -1491,8 +1534,14 @@ def percent(count, n):
     return 100 * int(count) / n if n else float("nan")
 
 
+def batch_generator(seed, index, device):
+    """The generator of the random start for batch `index`: the same whichever rank attacks it."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+
+
 def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, batch_size=256,
-             autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None):
+             autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None,
+             rank=0, world_size=1):
     """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
     worst case over every attack that covered the whole split.
 
@@ -1502,7 +1551,10 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
     on the first `aa_size` examples (all if None): "autoattack", with "n_autoattack" images. An
     attack that raises is recorded in "failed" ({name: "Type: message"}) and the others still run;
     "robust" then covers the attacks that finished. Accuracies are 100 * count / n from the
-    integer "counts"; "n" is the split's size.
+    integer "counts"; "n" is the split's size. The PGD random starts come from `batch_generator`
+    (seed, batch index), so two models evaluated with one seed get the same starts.
+    Data parallel: rank r attacks batches r, r + N, ...; the per-example flags are gathered after
+    each attack, so every rank returns what one process returns.
     """
     unknown = [a for a in attacks if a not in EVAL_ATTACKS]
     if unknown:
@@ -1513,28 +1565,33 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
     model.eval()
     n = len(split)
     result, per_example = {"n": n, "counts": {}}, {}
-    total = math.ceil(n / batch_size) * (1 + len(attacks))
+    total = len(range(rank, math.ceil(n / batch_size), world_size)) * (1 + len(attacks))   # this rank's
     done = 0
 
     def correct_under(name):
         """Per-example correctness on the clean images, under one PGD attack, or under AutoAttack."""
-        nonlocal done
         if name == "autoattack":
             part = split if aa_size is None or aa_size >= n else split.subset(slice(0, aa_size))
             x_all, y_all = next(batches(part, len(part)))
-            return autoattack_correct(model, x_all, y_all, eps, batch_size, seed, aa_state_path)
-        correct = []
-        for x, y in batches(split, batch_size):
-            if name != "clean":
-                x_adv = pgd(model, x, y, eps, step_size, **EVAL_ATTACKS[name])
-                check_adversarial(x_adv, x, eps)
-                x = x_adv
-            with torch.no_grad():
-                correct.append(model(x).argmax(1) == y)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        return torch.cat(correct)
+            return autoattack_correct(model, x_all, y_all, eps, batch_size, seed, aa_state_path, rank, world_size)
+
+        def attack_mine(out):
+            nonlocal done
+            for i, (x, y) in enumerate(batches(split, batch_size)):
+                if i % world_size != rank:
+                    continue                        # another rank's batch
+                if name != "clean":
+                    x_adv = pgd(model, x, y, eps, step_size, generator=batch_generator(seed, i, x.device),
+                                **EVAL_ATTACKS[name])
+                    check_adversarial(x_adv, x, eps)
+                    x = x_adv
+                with torch.no_grad():
+                    out[i * batch_size:i * batch_size + len(y)] = model(x).argmax(1) == y
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+        return gather_shards(attack_mine, n, world_size, split.y.device).bool()
 
     try:
         for name in ("clean", *attacks, *(("autoattack",) if autoattack else ())):
@@ -1616,3 +1673,85 @@ def load_state_dict_checked(model, state_dict, source="checkpoint", hint="check 
                   f"shape of {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
         raise ValueError(f"{source} does not fit this model ({detail}); {hint}")
     model.load_state_dict(state_dict)
+
+
+# =============================================================================
+# 8. Data parallel: N processes (torchrun) that compute what one process computes
+# =============================================================================
+# Every rank holds the whole model and draws the same global batch; it computes the gradients
+# of its 1/N slice (`batches`), and the steps' `average` replaces them by the mean over the
+# ranks before the update: the gradient of the global batch's mean loss (BatchNorm aside: each
+# rank normalises with its slice's statistics). CURE averages its three gradients before the
+# mask (`cure_step`). Evaluation shards whole batches and gathers per-example flags
+# (`evaluate`). The functions below are the collectives; with world_size 1 they do nothing, so
+# one process never touches torch.distributed.
+
+def _flat_buckets(tensors):
+    """The tensors grouped by dtype, each group with one flat (contiguous) copy of its entries."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return [(group, torch.cat([t.reshape(-1) for t in group])) for group in groups.values()]
+
+
+def _unflatten_(group, flat):
+    torch._foreach_copy_(group, [f.view(t.shape) for t, f in zip(group, flat.split([t.numel() for t in group]))])
+
+
+def all_reduce_mean_(tensors, world_size):
+    """t <- (1/N) sum_r t^(r), in place, for every tensor: one all-reduce per dtype of a flat bucket."""
+    if world_size == 1:
+        return
+    for group, flat in _flat_buckets(tensors):
+        dist.all_reduce(flat)                 # the same bytes on every rank ...
+        flat.div_(world_size)                 # ... and the same division: ranks stay bit-identical
+        _unflatten_(group, flat)
+
+
+def broadcast_(tensors, world_size, src=0):
+    """t <- t^(src), in place, for every tensor: one broadcast per dtype of a flat bucket."""
+    if world_size == 1:
+        return
+    for group, flat in _flat_buckets(tensors):
+        dist.broadcast(flat, src)
+        _unflatten_(group, flat)
+
+
+def gradient_averager(model, world_size):
+    """The steps' `average` for `model` on `world_size` ranks (None for one): it replaces the
+    gradients handed to it, and the model's floating buffers (BatchNorm statistics, so that every
+    rank keeps the same ones), by their means over the ranks, in one all-reduce per dtype."""
+    if world_size == 1:
+        return None
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return lambda tensors: all_reduce_mean_([*tensors, *buffers], world_size)
+
+
+def mean_over_ranks(value, world_size):
+    """The mean over the ranks of a 0-d tensor (a loss): a new tensor, the input untouched."""
+    value = value.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+        value /= world_size
+    return value
+
+
+def gather_shards(work, m, world_size, device):
+    """Run `work(out)`, which fills this rank's entries of `out` (int32, (m,), zeros elsewhere),
+    and sum `out` over the ranks: every rank gets every entry. An exception on one rank is raised
+    on all of them (after the all-reduce, so no rank is left waiting in it)."""
+    out = torch.zeros(m + 1, dtype=torch.int32, device=device)   # the last entry counts failed ranks
+    error = None
+    try:
+        work(out[:m])
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error, out[m] = e, 1
+    if world_size > 1:
+        dist.all_reduce(out)
+        if error is not None:
+            raise error
+        if out[m]:
+            raise RuntimeError(f"{int(out[m])} other rank(s) failed here; see their messages")
+    return out[:m]

@@ -11,6 +11,7 @@ Examples:
     python run.py eval cifar10 --init runs/cure_cifar10_resnet18/checkpoint.pt
     python run.py rift cifar10 --init robustbench:Wong2020Fast   # a RobustBench model (requirements-zoo.txt)
     python run.py bench step
+    torchrun --nproc_per_node=4 run.py cure cifar10     # the same run on 4 GPUs (data parallel)
 
 Every run writes to its run directory (--out): config.json, checkpoint.pt (atomically, every
 epoch), log.jsonl (one line per epoch) and metrics.json, and prints the final metrics as one
@@ -24,8 +25,10 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import robust_ft as rf
@@ -119,6 +122,9 @@ def parse_args(argv):
                    "the training attack (parameters, gradients, the RGP score and evaluation stay float32)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: TF32 for convolutions and matmuls (default on)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun on CUDA: SyncBatchNorm, batch statistics over the global batch "
+                        "(default on; CPU processes keep per-rank statistics)")
     p.add_argument("--data-dir", default="data", help="dataset root (torchvision download / ImageFolder)")
     p.add_argument("--holdout-per-class", type=int, default=500,
                    help="folder datasets without test/: images per class held out as the test split")
@@ -213,6 +219,60 @@ def resolve(args):
 
 
 # -----------------------------------------------------------------------------
+# Processes: one, or one per GPU (or CPU process) under torchrun; rank 0 alone prints and writes
+# -----------------------------------------------------------------------------
+
+def setup_distributed(args):
+    """Join torchrun's process group when WORLD_SIZE > 1: nccl with GPU LOCAL_RANK per rank, or gloo
+    for CPU processes. Sets args.rank, args.world_size, args.backend (None in one process) and
+    args.sync_bn. Ranks > 0 compute silently: their prints go nowhere, their errors to stderr."""
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    cuda = torch.device(args.device).type == "cuda"
+    args.backend = None
+    if args.world_size == 1:
+        args.sync_bn = False
+        return
+    if args.method == "bench":
+        raise UsageError("bench times one process: run it with python, not torchrun")
+    if args.batch_size % args.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
+                         f"{args.world_size} processes; choose a multiple of {args.world_size}")
+    if args.sync_bn and not cuda:
+        raise UsageError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); CPU processes "
+                         "keep per-rank BatchNorm statistics: drop --sync-bn or use --device cuda")
+    args.sync_bn = cuda if args.sync_bn is None else args.sync_bn
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    args.backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(args.backend)
+    if args.rank > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
+
+
+def writer(args):
+    """Whether this process writes files: always in one process, rank 0 alone under torchrun."""
+    return args.rank == 0
+
+
+def rank_seed(seed, rank):
+    """The seed of rank `rank`'s global generator (the training attacks' random starts): each rank
+    its own stream, none equal to the initialisation's `seed`."""
+    return seed + 1_000_003 * (rank + 1)
+
+
+def from_rank0(args, obj):
+    """Rank 0's `obj` on every rank (a decision must not depend on float noise between ranks)."""
+    if args.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+# -----------------------------------------------------------------------------
 # Small helpers: progress with ETA, run records
 # -----------------------------------------------------------------------------
 
@@ -258,8 +318,9 @@ def finish(args, metrics):
     If an attack failed, the metrics (with the others' results) are still written and printed,
     each failure is named in one line on stderr, and the exit code is 1.
     """
-    os.makedirs(args.out, exist_ok=True)
-    rf.save_json(os.path.join(args.out, "metrics.json"), metrics)
+    if writer(args):
+        os.makedirs(args.out, exist_ok=True)
+        rf.save_json(os.path.join(args.out, "metrics.json"), metrics)
     print(json.dumps(metrics))
     failed = failures(metrics)
     for key, name, msg in failed:
@@ -282,6 +343,8 @@ def evaluate_into(args, metrics, key, model, split, autoattack=False):
 
     def on_result(partial):
         metrics[key] = with_nrr(dict(partial))
+        if not writer(args):
+            return
         rf.save_json(os.path.join(args.out, "metrics.json"), dict(metrics, status="evaluating"))
         now = time.time()
         for name in [*partial["counts"], *partial.get("failed", {})]:
@@ -302,7 +365,8 @@ def evaluate_into(args, metrics, key, model, split, autoattack=False):
 
     result = rf.evaluate(model, split, args.attacks, args.eps_px, autoattack=autoattack, aa_size=args.aa_size,
                          aa_state_path=os.path.join(args.out, f"autoattack_{key}.json"), seed=args.seed,
-                         progress=Progress(f"{key}"), on_result=on_result)
+                         progress=Progress(f"{key}"), on_result=on_result, rank=args.rank,
+                         world_size=args.world_size)
     metrics[key] = with_nrr(result)
     return metrics[key]
 
@@ -312,8 +376,14 @@ def evaluate_into(args, metrics, key, model, split, autoattack=False):
 # -----------------------------------------------------------------------------
 
 def setup_data(args):
-    """Train / validation / test splits on the device, as the preset sizes them."""
+    """Train / validation / test splits on the device, as the preset sizes them. Under torchrun the
+    first process of each machine loads (and downloads) first, the others after it."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if args.world_size > 1 and not first:
+        dist.barrier()
     data = rf.load_data(args.dataset, args.data_dir, args.holdout_per_class, seed=args.seed)
+    if args.world_size > 1 and first:
+        dist.barrier()
     train, val = rf.split_validation(data.train, args.val_size, seed=args.seed)
     if args.train_size is not None and args.train_size < len(train):
         train = train.subset(slice(0, args.train_size))
@@ -462,21 +532,22 @@ def with_amp(step, amp, device):
 # Training: one loop for natural, AT, TRADES and CURE
 # -----------------------------------------------------------------------------
 
-def method_step(args, method, cure_state=None):
-    """The per-batch step for `method`, a function (model, optimizer, x, y) -> loss."""
+def method_step(args, method, cure_state=None, average=None):
+    """The per-batch step for `method`, a function (model, optimizer, x, y) -> loss; `average` is
+    `rf.gradient_averager`'s (None in one process)."""
     eps, step, k = args.eps_px, args.step_px, args.attack_steps
     if method == "natural":
-        return rf.natural_step
+        return lambda m, o, x, y: rf.natural_step(m, o, x, y, average)
     if method == "at":
-        return lambda m, o, x, y: rf.at_step(m, o, x, y, eps, step, k)
+        return lambda m, o, x, y: rf.at_step(m, o, x, y, eps, step, k, average)
     if method == "trades":
-        return lambda m, o, x, y: rf.trades_step(m, o, x, y, eps, step, k, args.beta)
+        return lambda m, o, x, y: rf.trades_step(m, o, x, y, eps, step, k, args.beta, average)
     s = cure_state
 
     def step_cure(m, o, x, y):
         loss = rf.cure_step(m, o, x, y, s["revision"], s["cfg"], s["decay"],
                             rf.revision_rate(s["cfg"].rate, s["step"] / s["total_steps"]), s["step"],
-                            s["generator"], eps, step, k, s["mask_fn"], s["updated"])
+                            s["generator"], eps, step, k, s["mask_fn"], s["updated"], average)
         s["step"] += 1
         return loss
     return step_cure
@@ -501,9 +572,16 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise UsageError(f"{out!r} already holds a run; pass --resume to continue it or choose another --out")
-    rf.save_json(os.path.join(out, "config.json"), config_record(args, method))
+    if writer(args):
+        rf.save_json(os.path.join(out, "config.json"), config_record(args, method))
     torch.manual_seed(args.seed)
     model = init_model if init_model is not None else setup_model(args, data)
+    if args.world_size > 1:
+        if args.sync_bn:           # BatchNorm statistics over the global batch (CUDA only)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        rf.broadcast_(list(model.state_dict().values()), args.world_size)   # one start on every rank
+        torch.manual_seed(rank_seed(args.seed, args.rank))                  # each rank its own attack noise
+    average = rf.gradient_averager(model, args.world_size)   # None in one process
     epochs = args.epochs if method != "natural" or args.method == "natural" else args.natural_epochs
     # --weight-decay applies to the method asked for; CURE's natural pre-training keeps its own.
     weight_decay = args.weight_decay if method == args.method else WEIGHT_DECAY[method]
@@ -527,7 +605,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         rf.load_state_dict_checked(model, ck["model"], f"checkpoint {ckpt_path!r}")
         optimizer.load_state_dict(ck["optimizer"])
         generator.set_state(ck["generator"])
-        rf.set_rng_state(ck["rng"])
+        restore_rng(args, ck)
         record = ck["record"]
         start_epoch = ck["epoch"]
         if cure_state is not None:
@@ -536,25 +614,27 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
             cure_state["generator"].set_state(ck["revision_generator"])
             cure_state["step"] = ck["cure_step"]
         print(f"resumed {out} at epoch {start_epoch}/{epochs}", file=sys.stderr)
-    step_fn = method_step(args, method, cure_state)
+    step_fn = method_step(args, method, cure_state, average)
+    shard = dict(rank=args.rank, world_size=args.world_size)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         lr = rf.step_lr(args.lr, epoch, epochs)
         warm = method == "cure" and epoch < args.warmup_epochs               # CURE-Eff warm-up
-        fn = with_amp(rf.natural_step if warm else step_fn, args.amp, args.device)
+        fn = with_amp(method_step(args, "natural", average=average) if warm else step_fn, args.amp, args.device)
         if cure_state is not None:
             cure_state["updated"] = {}
         loss = rf.train_epoch(model, optimizer, fn, train_split, args.batch_size, lr, generator,
-                              Progress(f"{method} epoch {epoch + 1}/{epochs}"))
+                              Progress(f"{method} epoch {epoch + 1}/{epochs}"), **shard)
         seconds = time.time() - t0
         entry = dict(epoch=epoch + 1, lr=lr, loss=loss, seconds=seconds)
         eval_split = val.subset(slice(0, args.epoch_eval_size))
-        entry["val"] = rf.evaluate(model, eval_split, ["pgd20"], args.eps_px)
+        entry["val"] = rf.evaluate(model, eval_split, ["pgd20"], args.eps_px, seed=args.seed, **shard)
         if cure_state is not None:
             if warm:
                 cure_state["revision"] = rf.Revision(model)    # revise from where adversarial training starts
             else:
-                entry["val_revision"] = rf.evaluate(cure_state["revision"].model, eval_split, ["pgd20"], args.eps_px)
+                entry["val_revision"] = rf.evaluate(cure_state["revision"].model, eval_split, ["pgd20"], args.eps_px,
+                                                    seed=args.seed, **shard)
                 numel = dict(rf.masked_parameters(model))
                 entry["updated_fraction"] = {n: float(c) / (numel[n].numel() * steps_per_epoch)
                                              for n, c in cure_state["updated"].items()}
@@ -564,26 +644,50 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         if record["best"] is None or entry["val"][key] >= record["best"]["val"][key]:
             record["best"] = dict(epoch=epoch + 1, val=entry["val"],
                                   model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(json.dumps({k: v for k, v in entry.items()}) + "\n")
+        if writer(args):
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps({k: v for k, v in entry.items()}) + "\n")
         v = entry["val"]
         print(f"{method} epoch {epoch + 1}/{epochs}: loss {loss:.4f}, val clean {v['clean']:.1f}% "
               f"PGD-20 {v['pgd20']:.1f}% (n={v['n']}), {seconds:.1f}s", file=sys.stderr)
+        rng = rf.rng_state()
+        rng_per_rank = None
+        if args.world_size > 1:    # every rank's attack noise, so --resume continues each exactly
+            rng_per_rank = [None] * args.world_size
+            dist.all_gather_object(rng_per_rank, rng)
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                     generator=generator.get_state(), rng=rf.rng_state(), record=record,
+                     generator=generator.get_state(), rng=rng, rng_per_rank=rng_per_rank, record=record,
                      config=config_record(args, method), method=method)
         if cure_state is not None:
             state.update(revision=cure_state["revision"].model.state_dict(),
                          revision_updates=cure_state["revision"].updates,
                          revision_generator=cure_state["generator"].get_state(), cure_step=cure_state["step"])
-        rf.save_checkpoint(ckpt_path, **state)
+        if writer(args):
+            rf.save_checkpoint(ckpt_path, **state)
     # which RGP mask path ran in this process (CURE only): fused, plain, or plain after a mismatch
     record["mask_path"] = mask_path(cure_state["mask_fn"]) if cure_state else None
     return model, (cure_state["revision"] if cure_state else None), record
 
 
+def restore_rng(args, ck):
+    """The global generators as the checkpoint left them: this rank's own state when the run had
+    as many processes; otherwise (another process count) each rank is reseeded, and only the
+    attacks' random starts differ from an uninterrupted run."""
+    per_rank = ck.get("rng_per_rank")
+    if args.world_size == 1:
+        rf.set_rng_state(ck["rng"])
+    elif per_rank is not None and len(per_rank) == args.world_size:
+        rf.set_rng_state(per_rank[args.rank])
+    else:
+        torch.manual_seed(rank_seed(args.seed + ck["epoch"], args.rank))
+        print(f"the checkpoint was written by {len(per_rank or [None])} process(es), this run has "
+              f"{args.world_size}: the attacks' random starts are reseeded (data order, weights, optimiser "
+              f"and CURE's revision continue exactly)", file=sys.stderr)
+
+
 def config_record(args, method):
-    cfg = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    cfg = {k: v for k, v in vars(args).items()
+           if isinstance(v, (int, float, str, bool, list, type(None))) and k != "rank"}
     cfg.update(method=method, versions=versions(), device_settings=args.device_settings)
     return cfg
 
@@ -596,7 +700,7 @@ def final_metrics(args, model, test, record, method, revision=None):
                    epochs=len(record["log"]), device=str(args.device), preset=args.preset, seed=args.seed,
                    seconds_per_epoch=sum(record["epoch_seconds"]) / max(1, len(record["epoch_seconds"])),
                    train_seconds=sum(record["epoch_seconds"]), mask_path=record.get("mask_path"),
-                   device_settings=args.device_settings)
+                   device_settings=args.device_settings, world_size=args.world_size, backend=args.backend)
     if best is not None:
         metrics["best_epoch"] = best["epoch"]
     evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
@@ -655,7 +759,7 @@ def cmd_eval(args):
     data, _, _, test = setup_data(args)
     model = setup_model(args, data)
     metrics = dict(method="eval", checkpoint=args.init, dataset=args.dataset, **model_record(args),
-                   device=str(args.device))
+                   device=str(args.device), world_size=args.world_size, backend=args.backend)
     evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
     return finish(args, metrics)
 
@@ -670,16 +774,20 @@ def cmd_rift(args):
         raise UsageError("rift needs --init CKPT (an AT, TRADES or CURE checkpoint) or --init robustbench:NAME")
     data, train_split, val, test = setup_data(args)
     model = setup_model(args, data).eval()
+    rf.broadcast_(list(model.state_dict().values()), args.world_size)
     candidates = rf.rift_modules(model)
     eps, step = args.eps_px, args.step_px
+    shard = dict(rank=args.rank, world_size=args.world_size)
     result = dict(method="rift", checkpoint=args.init, dataset=args.dataset, **model_record(args),
-                  device=str(args.device))
+                  device=str(args.device), world_size=args.world_size, backend=args.backend)
     if args.module is not None:
         if args.module not in candidates:
             raise UsageError(f"unknown module {args.module!r}; choose one of {candidates}")
         module = args.module
     else:
         # Robust loss on a fixed set of adversarial training examples (PGD-10, CE), made once.
+        # Under torchrun every rank computes the whole MRC table (it is not sharded).
+        torch.manual_seed(args.seed)
         fixed = train_split.subset(slice(0, args.mrc_size))
         x, y = next(rf.batches(fixed, len(fixed)))
         x_adv = torch.cat([rf.pgd(model, xb, yb, eps, step, 10) for xb, yb in
@@ -692,7 +800,7 @@ def cmd_rift(args):
         for name, value in ranking:
             print(f"  {value:10.5f}  {name}", file=sys.stderr)
         result.update(mrc=dict(ranking), mrc_examples=len(fixed))
-        module = rf.non_robust_critical_module(mrc)
+        module = from_rank0(args, rf.non_robust_critical_module(mrc))
         if args.mrc_only:
             result.update(module=module, wall_seconds=time.time() - start)
             return finish(args, result)
@@ -703,14 +811,15 @@ def cmd_rift(args):
     rf.finetune_module(tuned, module, train_split, epochs=args.rift_epochs,
                        lr=args.lr if args.lr_given else 1e-3, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
-                       progress=Progress(f"fine-tune {module}"))
+                       progress=Progress(f"fine-tune {module}"), **shard,
+                       average=None if args.world_size == 1 else
+                       lambda grads: rf.all_reduce_mean_(grads, args.world_size))   # eval mode: no BN buffer moves
     tuned_state = tuned.state_dict()
     table = []
     probe = copy.deepcopy(model)
     for alpha in rf.RIFT_ALPHAS:                       # selection on the validation split, never test
         probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
-        torch.manual_seed(args.seed)
-        v = rf.evaluate(probe, val, ["pgd10"], eps)     # the paper selects with PGD-10
+        v = rf.evaluate(probe, val, ["pgd10"], eps, seed=args.seed, **shard)    # the paper selects with PGD-10
         table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"]))
         print(f"  alpha {alpha:.1f}: val clean {v['clean']:.2f}%  PGD-10 {v['pgd10']:.2f}%  (n={v['n']})",
               file=sys.stderr)
@@ -719,18 +828,19 @@ def cmd_rift(args):
     cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, (1, 2, 3, 4, 5), num=args.test_size) \
         if args.cifar10c else None
     result.update(alphas=table, alpha=alpha, tolerance=args.tolerance)
-    for key, m in (("before", model), ("after", probe)):
-        torch.manual_seed(args.seed)   # the same random starts for both: a paired comparison
+    for key, m in (("before", model), ("after", probe)):   # one seed: the same random starts, paired
         evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
         result[key]["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
     result.update(test=result["after"], wall_seconds=time.time() - start)
-    os.makedirs(args.out, exist_ok=True)
-    rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=probe.state_dict(), alpha=alpha,
-                       module=module, config=config_record(args, "rift"))
     if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
         result["state_dict"] = os.path.join(args.out, "model.pt")
-        rf.save_checkpoint(result["state_dict"], **{k: v.detach().cpu().contiguous()
-                                                    for k, v in probe.state_dict().items()})
+    if writer(args):
+        os.makedirs(args.out, exist_ok=True)
+        rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=probe.state_dict(), alpha=alpha,
+                           module=module, config=config_record(args, "rift"))
+        if args.zoo:
+            rf.save_checkpoint(result["state_dict"], **{k: v.detach().cpu().contiguous()
+                                                        for k, v in probe.state_dict().items()})
     print(f"RiFT on {module}: alpha {alpha}", file=sys.stderr)
     print(f"{'':8}{'clean':>8}{'PGD-20':>8}{'CW':>8}{'corrupt':>9}", file=sys.stderr)
     for label in ("before", "after"):
@@ -1069,10 +1179,12 @@ def cmd_compare(args):
     results = dict(dataset=args.dataset, preset=args.preset, model=args.model, width=args.width,
                    epochs=args.epochs, natural_epochs=args.natural_epochs, seed=args.seed,
                    device=str(args.device), rows=rows)
-    rf.save_json(os.path.join(args.out, "results.json"), results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(results_table(results))
-    plots = make_plots(args.out, rows, methods)
+    plots = []
+    if writer(args):
+        rf.save_json(os.path.join(args.out, "results.json"), results)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(results_table(results))
+        plots = make_plots(args.out, rows, methods)
     summary = dict(method="compare", dataset=args.dataset, out=args.out, plots=plots,
                    table={name: table_row(r) for name, r in rows.items()})
     return finish(args, summary)
@@ -1181,22 +1293,20 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         resolve(args)
+        setup_distributed(args)
         args.device_settings = setup_device(args)
-        if args.method == "bench":
-            return cmd_bench(args)
-        if args.method == "eval":
-            return cmd_eval(args)
-        if args.method == "rift":
-            return cmd_rift(args)
-        if args.method == "compare":
-            return cmd_compare(args)
-        return cmd_train(args)
-    except UsageError as e:
+        command = {"bench": cmd_bench, "eval": cmd_eval, "rift": cmd_rift, "compare": cmd_compare}
+        result = command.get(args.method, cmd_train)(args)
+    except UsageError as e:                 # bad input: the same on every rank, so rank 0 says it
         print(f"run.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:   # may be one rank's own: each says it
+        where = f" (rank {args.rank})" if getattr(args, "world_size", 1) > 1 else ""
+        print(f"run.py: error{where}: {e}", file=sys.__stderr__ if where else sys.stderr)
         sys.exit(2)
+    if dist.is_initialized():      # every rank got here: leave the group cleanly (NCCL warns otherwise)
+        dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":

@@ -1998,7 +1998,7 @@ def nudge(x, fooled):
 FOOLS = {"ce": lambda i: i % 2 == 0, "cw": lambda i: i % 3 == 0}   # which examples each fake attack fools
 
 
-def fake_pgd(model, x, y, eps, step_size, steps=10, loss="ce", random_start=True):
+def fake_pgd(model, x, y, eps, step_size, steps=10, loss="ce", random_start=True, generator=None):
     """Nudges the examples FOOLS[loss] picks (2/255, inside the eps-ball) across a class boundary."""
     index = (x[:, 1, 0, 0] * 255).round().long()
     return nudge(x, torch.tensor([bool(FOOLS[loss](int(i))) for i in index]))
@@ -2527,3 +2527,339 @@ def test_autoattack_defaults_per_preset():
     assert resolved("cure", "synthetic", "--preset", "quick") == (False, 32)
     assert resolved("cure", "synthetic", "--preset", "quick", "--autoattack") == (True, 32)
     assert resolved("eval", "cifar10", "--no-autoattack", "--aa-size", "50") == (False, 50)
+
+
+# =============================================================================
+# Data parallel (torchrun): 2 gloo processes on the CPU compute what one process computes
+# =============================================================================
+import datetime
+import signal
+import subprocess
+import time
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DDP_LR, DDP_EPS = 0.1, 0.05
+DDP_CFG = rf.CureConfig(percentile=40.0, alpha=0.05, gamma=0.7, beta=2.5, rate=0.0)
+DDP_METHODS = ("natural", "at", "trades", "cure")
+
+
+def ddp_fixed_attack(model, x, y, *args, **kwargs):
+    """A deterministic stand-in for PGD (a function of x alone): the reference needs no RNG."""
+    return (x + 0.02 * torch.cos(37 * x)).clamp(0, 1)
+
+
+def ddp_start():
+    """What every rank starts from: a float64 model, a revision model unlike it, a global batch of 8."""
+    model = blind_model(seed=21).train()
+    rev = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        for p in rev.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x, _, y = double_batch(n=8, seed=21)
+    return model, rev, x, y
+
+
+def ddp_library_step(method, model, rev, x, y, average):
+    """One step of `method` through the library, on (x, y), with `average` for the gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=DDP_LR)
+    if method == "natural":
+        rf.natural_step(model, opt, x, y, average)
+    elif method == "at":
+        rf.at_step(model, opt, x, y, EPS, 2 / 255, 1, average)
+    elif method == "trades":
+        rf.trades_step(model, opt, x, y, EPS, 2 / 255, 1, DDP_CFG.beta, average)
+    else:
+        revision = rf.Revision(model)
+        revision.model.load_state_dict(rev.state_dict())
+        rf.cure_step(model, opt, x, y, revision, DDP_CFG, 0.9, 0.0, 3, torch.Generator().manual_seed(0),
+                     steps=1, average=average)
+
+
+def ddp_eval_setup():
+    """A nearest-class-mean classifier (76% clean) and a test split of 21 images: batches of 4,
+    the last one short."""
+    data = rf.synthetic_data(num_train=200, num_test=21, size=8)
+    x, y = data.train.x.float() / 255, data.train.y
+    means = torch.stack([x[y == c].mean(0).flatten() for c in range(10)])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(means.shape[1], 10)).eval()
+    with torch.no_grad():                          # logits -|x - mean_c|^2 + |x|^2
+        model[1].weight.copy_(2 * means)
+        model[1].bias.copy_(-(means ** 2).sum(1))
+    return model, data.test
+
+
+def ddp_fake_autoattack(model, x, y, eps, attack, seed=0, batch_size=256):
+    """A stand-in for one AutoAttack attack whose result depends on the batch it is given: one
+    FGSM step up the loss at the batch's even positions, down the loss at the odd ones."""
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), [x])
+    up = torch.arange(len(x)) % 2 == 0
+    return (x + eps * torch.where(up, 1.0, -1.0)[:, None, None, None] * grad.sign()).detach().clamp(0, 1)
+
+
+REAL_PGD = rf.pgd
+
+
+def ddp_failing_pgd(model, x, y, *args, **kwargs):
+    """PGD, except that CW fails on the short last batch (batch 5 of 21 images in 4s: rank 1's)."""
+    if kwargs.get("loss") == "cw" and len(x) < 4:
+        raise RuntimeError("boom")
+    return REAL_PGD(model, x, y, *args, **kwargs)
+
+
+def ddp_evaluate(model, split, state_path, rank=0, world_size=1):
+    return rf.evaluate(model, split, ["pgd10", "cw"], DDP_EPS, batch_size=4, autoattack=True,
+                       aa_state_path=state_path, seed=3, rank=rank, world_size=world_size)
+
+
+def ddp_worker(rank, world_size, init_file, out_dir):
+    """One rank of the 2-process tests; saves what it computed to out_dir/rank{rank}.pt."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))     # a hang becomes an error
+    result = {}
+    real_pgd, real_aa = rf.pgd, rf.autoattack_one
+    try:
+        # (1) one step of each method on this rank's half of the global batch
+        rf.pgd = ddp_fixed_attack
+        for method in DDP_METHODS:
+            model, rev, x, y = ddp_start()
+            half = slice(4 * rank, 4 * rank + 4)
+            ddp_library_step(method, model, rev, x[half], y[half], rf.gradient_averager(model, world_size))
+            result[method] = model.state_dict()
+        rf.pgd = real_pgd
+
+        # (2) CURE for 2 epochs of 4 steps: real PGD with each rank's own noise, revision coin 1/2
+        torch.manual_seed(0)
+        model = rf.build_model("resnet18", 10, 2)
+        torch.manual_seed(100 + rank)
+        data = rf.synthetic_data(num_train=32, num_test=4, size=8)
+        optimizer = rf.make_optimizer(model, 0.05, 5e-3)
+        revision, coin = rf.Revision(model), torch.Generator().manual_seed(7)
+        cfg = rf.CureConfig(percentile=30.0, alpha=0.1, rate=0.5)
+        average, masks, steps = rf.gradient_averager(model, world_size), [], [0]
+
+        def recording_mask(grads, grads_nat, grads_adv, alpha, percentile):
+            rf.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+            masks.append([g == 0 for g in grads])
+
+        def step(m, o, xb, yb):
+            steps[0] += 1
+            return rf.cure_step(m, o, xb, yb, revision, cfg, 0.9, cfg.rate, steps[0], coin, EPS, 2 / 255, 2,
+                                recording_mask, average=average)
+
+        data_order = torch.Generator().manual_seed(0)
+        losses = [rf.train_epoch(model, optimizer, step, data.train, 8, 0.05, data_order, rank=rank,
+                                 world_size=world_size) for _ in range(2)]
+        result["cure_run"] = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), masks=masks,
+                                  revision=revision.model.state_dict(), updates=revision.updates, losses=losses,
+                                  noise=torch.rand(4))
+
+        # (3) sharded evaluation, AutoAttack with a batch-dependent stand-in; then one rank failing
+        model, split = ddp_eval_setup()
+        rf.autoattack_one = ddp_fake_autoattack
+        result["eval"] = ddp_evaluate(model, split, os.path.join(out_dir, "aa.json"), rank, world_size)
+        rf.pgd = ddp_failing_pgd
+        result["eval_failing"] = ddp_evaluate(model, split, None, rank, world_size)
+    finally:
+        rf.pgd, rf.autoattack_one = real_pgd, real_aa
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    """What each of 2 gloo ranks computed in `ddp_worker` (one spawn for the tests below)."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(ddp_worker, args=(2, str(out / "rendezvous"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
+
+
+def hand_slice_gradients(method, model, rev, xs, ys):
+    """One rank's part by hand: a copy of the model after this slice's forwards (BatchNorm moved)
+    and, per parameter name, (g, g_nat, g_adv) of the hand-written loss on the slice."""
+    m = copy.deepcopy(model)
+    xa = ddp_fixed_attack(None, xs, ys)
+    names, params = zip(*m.named_parameters())
+    if method in ("natural", "at"):
+        loss = hand_ce(hand_log_softmax(m(xs if method == "natural" else xa)), ys)
+        return m, {n: (g, None, None) for n, g in zip(names, torch.autograd.grad(loss, params))}
+    lp, lpa = hand_log_softmax(m(xs)), hand_log_softmax(m(xa))
+    ce_nat, ce_adv = hand_ce(lp, ys), hand_ce(lpa, ys)
+    loss = ce_nat + DDP_CFG.beta * hand_kl(lp, lpa)                        # TRADES, and CURE's L_adv
+    if method == "cure":
+        with torch.no_grad():
+            r, ra = hand_log_softmax(rev(xs)), hand_log_softmax(rev(xa))
+        loss = loss + DDP_CFG.gamma * (hand_kl(r, lp) + hand_kl(ra, lpa))   # + gamma L_CR (Eq. 8)
+    g = torch.autograd.grad(loss, params, retain_graph=True)
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    g_adv = torch.autograd.grad(ce_adv, params)
+    return m, {n: t for n, *t in zip(names, g, g_nat, g_adv)}
+
+
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_data_parallel_step_equals_the_mean_of_the_two_slices_gradients(ddp_ranks, method):
+    """Test 1: each rank's step equals one process that computes both halves' gradients by hand,
+    averages them (and the BatchNorm statistics), masks (CURE: the mean gradients' mask) and steps."""
+    ranks, _ = ddp_ranks
+    model, rev, x, y = ddp_start()
+    parts = [hand_slice_gradients(method, model, rev, x[4 * r:4 * r + 4], y[4 * r:4 * r + 4]) for r in range(2)]
+    expect = {}
+    for name, p in model.named_parameters():
+        g, g_nat, g_adv = [sum(part[1][name][i] for part in parts) / 2 if parts[0][1][name][i] is not None
+                           else None for i in range(3)]
+        g = g.numpy()
+        if method == "cure" and p.ndim >= 2:                 # RGP mask of the averaged g, g_nat, g_adv
+            g = numpy_rgp_mask(g, g_nat.numpy(), g_adv.numpy(), DDP_CFG.alpha, DDP_CFG.percentile)
+        expect[name] = p.detach().numpy() - DDP_LR * g
+    for name, b in model.named_buffers():
+        slices = [dict(part[0].named_buffers())[name] for part in parts]
+        expect[name] = ((slices[0] + slices[1]) / 2 if b.is_floating_point() else slices[0]).numpy()
+    for rank in ranks:
+        for name, value in expect.items():
+            np.testing.assert_allclose(rank[method][name].numpy(), value, rtol=1e-10, atol=1e-14, err_msg=name)
+    assert_same_contents(ranks[0][method], ranks[1][method], method)             # and bit-identical ranks
+
+
+def test_data_parallel_cure_keeps_every_rank_bit_identical(ddp_ranks):
+    """Test 2: after 8 CURE steps (own attack noise per rank) both ranks hold the same weights,
+    BatchNorm statistics, optimiser state, masks and revision model, bit for bit."""
+    (a, b), _ = ddp_ranks
+    a, b = a["cure_run"], b["cure_run"]
+    assert not torch.equal(a["noise"], b["noise"])             # the ranks' global generators differ ...
+    assert_same_contents({k: v for k, v in a.items() if k != "noise"},
+                         {k: v for k, v in b.items() if k != "noise"}, "cure")   # ... and nothing else does
+    assert len(a["masks"]) == 8 and 0 < a["updates"] < 8
+    frozen = sum(int(m.sum()) for m in a["masks"][-1])
+    assert frozen > 0.25 * sum(m.numel() for m in a["masks"][-1])   # p = 30: about 30% of entries frozen
+
+
+def test_data_parallel_evaluation_equals_one_process(ddp_ranks, monkeypatch):
+    """Test 3: the sharded evaluation (PGD, CW, the batch-dependent AutoAttack stand-in) returns on
+    each rank exactly what one process returns; a failure on one rank is reported on both."""
+    ranks, out = ddp_ranks
+    model, split = ddp_eval_setup()
+    monkeypatch.setattr(rf, "autoattack_one", ddp_fake_autoattack)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                   # as the ranks: the same float sums
+    try:
+        single = ddp_evaluate(model, split, str(out / "aa_single.json"))
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < single["counts"]["autoattack"] < single["counts"]["clean"]    # the stand-in did fool some
+    for rank in ranks:
+        assert rank["eval"] == single
+    states = [json.load(open(out / name)) for name in ("aa.json", "aa_single.json")]   # aa.json: rank 0's
+    assert states[0] == states[1] and states[0]["done"] == list(rf.AUTOATTACK_STANDARD)  # per example
+    monkeypatch.setattr(rf, "pgd", ddp_failing_pgd)
+    failing = ddp_evaluate(model, split, None)
+    assert failing["failed"] == {"cw": "RuntimeError: boom"} and "autoattack" in failing["counts"]
+    assert ranks[1]["eval_failing"] == failing
+    assert ranks[0]["eval_failing"]["failed"] == {"cw": "RuntimeError: 1 other rank(s) failed here; "
+                                                        "see their messages"}
+    assert {k: v for k, v in ranks[0]["eval_failing"].items() if k != "failed"} == \
+        {k: v for k, v in failing.items() if k != "failed"}
+
+
+def test_data_parallel_batches_are_the_slices_of_the_one_process_batches():
+    split = rf.synthetic_data(num_train=40, num_test=4, size=8).train
+    one = list(rf.batches(split, 8, torch.Generator().manual_seed(0), train=True))
+    for world in (2, 4):
+        parts = [list(rf.batches(split, 8, torch.Generator().manual_seed(0), train=True, rank=r, world_size=world))
+                 for r in range(world)]
+        for i, (x, y) in enumerate(one):          # rank r holds rows [r * 8/N, (r + 1) * 8/N) of batch i
+            assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
+            assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
+    with pytest.raises(ValueError, match="batch_size=6 must be a multiple of world_size=4"):
+        next(rf.batches(split, 6, torch.Generator(), train=True, rank=0, world_size=4))
+
+
+def test_data_parallel_average_is_one_all_reduce_per_dtype(monkeypatch):
+    """The bucketed average: one all-reduce per dtype over a flat copy; for a CURE step of the
+    model one float32 all-reduce of every g, the masked tensors' g_nat and g_adv, and the BatchNorm
+    statistics: the volume the README states."""
+    calls = []
+
+    def all_reduce(t):                         # what 2 ranks holding the same tensors would sum to
+        calls.append((t.dtype, t.numel()))
+        t.mul_(2)
+
+    monkeypatch.setattr(rf.dist, "all_reduce", all_reduce)
+    a, b = torch.randn(3, 4), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    c = torch.randn(7, dtype=torch.float64)
+    before = [a.clone(), b.clone(), c.clone()]
+    rf.all_reduce_mean_([a, b, c], 2)
+    assert calls == [(torch.float32, 12 + 120), (torch.float64, 7)]
+    assert all(torch.equal(u, v) for u, v in zip([a, b, c], before))    # mean of equal tensors: unchanged
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    calls.clear()
+    model = tiny_model(width=2).train()
+    x, y = tiny_batch(4, 8)
+    rf.cure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, rf.Revision(model), rf.CureConfig(),
+                 0.9, 0.0, 0, torch.Generator(), steps=1, average=rf.gradient_averager(model, 2))
+    params = sum(p.numel() for p in model.parameters())
+    masked = sum(p.numel() for _, p in rf.masked_parameters(model))
+    bn = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    assert calls == [(torch.float32, params + 2 * masked + bn)]
+
+
+def test_data_parallel_bad_input_is_one_line_before_any_process_group(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")                      # as torchrun sets it, for rank 0
+    monkeypatch.setenv("RANK", "0")
+    out = ["--out", str(tmp_path / "x")]
+    assert "--batch-size 33 is the global batch and must be divisible by the 2 processes" in \
+        cli_error(["at", *SMALL, "--batch-size", "33", *out], capsys)
+    assert "--sync-bn needs CUDA" in cli_error(["at", *SMALL, "--sync-bn", *out], capsys)
+    assert "bench times one process" in cli_error(["bench", "mask", *out], capsys)
+    assert not dist.is_initialized() and not (tmp_path / "x").exists()
+
+
+DDP_CLI = ["cure", *FAST, "--epochs", "3", "--natural-epochs", "1"]   # global batch 16: 8 per rank
+
+
+def torchrun(argv, **popen):
+    """`torchrun --standalone --nproc_per_node=2 run.py ARGV` (as `python -m torch.distributed.run`)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def torchrun_metrics(argv):
+    """Run to the end; check one JSON line on stdout (rank 0's) and return it."""
+    proc = torchrun(argv)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and stdout.strip().splitlines()[-1] == lines[0], stdout
+    return json.loads(lines[0])
+
+
+def test_torchrun_cure_end_to_end_killed_and_resumed(tmp_path):
+    """Test 4: torchrun with 2 gloo processes writes one metrics.json and prints one JSON line;
+    killed (SIGTERM to torchrun, which ends its workers) after a CURE checkpoint and rerun with
+    --resume, it ends with the same metrics as the uninterrupted 2-process run."""
+    straight = torchrun_metrics([*DDP_CLI, "--out", str(tmp_path / "a")])
+    assert (straight["world_size"], straight["backend"]) == (2, "gloo")
+    assert json.load(open(tmp_path / "a" / "metrics.json")) == straight
+    config = json.load(open(tmp_path / "a" / "config.json"))
+    assert (config["world_size"], config["backend"], config["sync_bn"]) == (2, "gloo", False)
+    assert [e["epoch"] for e in epoch_lines(tmp_path / "a" / "log.jsonl")] == [1, 2, 3]   # rank 0 alone logs
+    rng = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["rng_per_rank"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])   # each rank its own noise
+
+    proc = torchrun([*DDP_CLI, "--out", str(tmp_path / "b")])
+    ckpt = tmp_path / "b" / "checkpoint.pt"                    # CURE's (natural/ holds the pre-training)
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)       # as a scheduler's preemption: torchrun ends every worker
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not (tmp_path / "b" / "metrics.json").exists()      # killed before the end ...
+    assert torch.load(ckpt, weights_only=False)["epoch"] < 3    # ... with a checkpoint to resume from
+    resumed = torchrun_metrics([*DDP_CLI, "--out", str(tmp_path / "b"), "--resume"])
+    for key in ("test", "test_best", "test_revision", "best_epoch", "epochs"):
+        assert resumed.get(key) == straight.get(key), key
