@@ -512,9 +512,10 @@ def batches(split, batch_size, generator=None, train=False, rank=0, world_size=1
     same `generator` and keeps rows [rank * b, (rank + 1) * b), b = batch_size / world_size, so N
     ranks together see exactly the batches one process sees.
     """
-    if world_size > 1 and (not train or batch_size % world_size):
-        raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}, and only "
-                         f"training batches are split (evaluation shards whole batches)")
+    if world_size > 1 and not train:
+        raise ValueError("only training batches are split over ranks (`evaluate` shards whole batches)")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}")
     n = len(split)
     order = torch.randperm(n, generator=generator).to(split.y.device) if train else None
     stop = n - n % batch_size if train and n >= batch_size else n

@@ -636,6 +636,18 @@ def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path
     assert again["table"] == first["table"]
 
 
+def test_compare_plots_without_cw_use_the_worst_case(tmp_path):
+    """`--attacks pgd10` gives rows with neither CW nor PGD-20: the figure plots the worst case."""
+    rows = {"natural": {"test": {"n": 4, "clean": 75.0, "pgd10": 25.0, "robust": 25.0}},
+            "at": {"test": {"n": 4, "clean": 50.0, "pgd10": 50.0, "robust": 50.0}},
+            "none": {"test": {"n": 4, "clean": 50.0}}}                # clean only: left out of the figure
+    assert run.table_row(rows["at"])["robust"] == 50.0 and run.table_row(rows["none"])["robust"] is None
+    (tmp_path / "at").mkdir()
+    (tmp_path / "at" / "log.jsonl").write_text(json.dumps({"epoch": 1, "val": {"pgd20": 40.0}}) + "\n")
+    paths = run.make_plots(str(tmp_path), rows, ["at"])
+    assert os.path.basename(paths[0]) == "clean_vs_robust.png" and (tmp_path / "clean_vs_robust.png").exists()
+
+
 # -----------------------------------------------------------------------------
 # RiFT: MRC (Def. 3.1, Alg. 1), one-module fine-tuning, interpolation, the alpha rule, corruptions.
 # Checked against hand-written computations (analytic softmax-regression gradients, a hand SGD
@@ -2615,6 +2627,18 @@ def ddp_evaluate(model, split, state_path, rank=0, world_size=1):
                        aa_state_path=state_path, seed=3, rank=rank, world_size=world_size)
 
 
+def ddp_finetune(rank=0, world_size=1):
+    """RiFT's module fine-tuning (eval mode: the mean of the halves' gradients is the whole batch's)."""
+    torch.manual_seed(0)
+    model = rf.build_model("resnet18", 10, 2)
+    split = rf.synthetic_data(num_train=48, num_test=4, size=8).train
+    average = None if world_size == 1 else lambda grads: rf.all_reduce_mean_(grads, world_size)
+    losses = rf.finetune_module(model, "layer2.0.conv1", split, epochs=2, lr=0.05, batch_size=16,
+                                generator=torch.Generator().manual_seed(0), rank=rank, world_size=world_size,
+                                average=average)
+    return model.state_dict(), losses
+
+
 def ddp_worker(rank, world_size, init_file, out_dir):
     """One rank of the 2-process tests; saves what it computed to out_dir/rank{rank}.pt."""
     torch.set_num_threads(1)
@@ -2657,6 +2681,8 @@ def ddp_worker(rank, world_size, init_file, out_dir):
         result["cure_run"] = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), masks=masks,
                                   revision=revision.model.state_dict(), updates=revision.updates, losses=losses,
                                   noise=torch.rand(4))
+
+        result["finetune"] = ddp_finetune(rank, world_size)
 
         # (3) sharded evaluation, AutoAttack with a batch-dependent stand-in; then one rank failing
         model, split = ddp_eval_setup()
@@ -2863,3 +2889,18 @@ def test_torchrun_cure_end_to_end_killed_and_resumed(tmp_path):
     resumed = torchrun_metrics([*DDP_CLI, "--out", str(tmp_path / "b"), "--resume"])
     for key in ("test", "test_best", "test_revision", "best_epoch", "epochs"):
         assert resumed.get(key) == straight.get(key), key
+
+
+def test_data_parallel_rift_finetuning_equals_one_process(ddp_ranks):
+    """2 ranks fine-tuning one module (BatchNorm in eval mode) take the steps of one process on the
+    whole batches, to float32 rounding; the mean losses agree too."""
+    ranks, _ = ddp_ranks
+    state, losses = ddp_finetune()
+    for rank in ranks:
+        rank_state, rank_losses = rank["finetune"]
+        assert rank_losses == pytest.approx(losses, rel=1e-5)
+        for name, value in state.items():
+            assert torch.allclose(rank_state[name], value, rtol=1e-5, atol=1e-7), name
+    torch.manual_seed(0)
+    start = rf.build_model("resnet18", 10, 2).state_dict()
+    assert not torch.allclose(state["layer2.0.conv1.weight"], start["layer2.0.conv1.weight"], atol=1e-4)  # it moved
