@@ -13,7 +13,9 @@ Reading order:
 Equation numbers refer to the CURE paper (Conserve-Update-Revise, "CURE"); RiFT refers to
 "Improving Generalization of Adversarial Training via Robust Critical Fine-Tuning" (ICCV 2023).
 Every function takes explicit arguments; nothing here reads a global or parses a command line
-(`run.py` does that). The device always comes from the inputs.
+(`run.py` does that). The device always comes from the inputs. The one shared state is
+torch.distributed's default process group, used by section 8's collectives only when a function
+is given world_size > 1 (torchrun and `run.py` set the group up).
 """
 import contextlib
 import copy
