@@ -6,6 +6,7 @@ generated data only: nothing here needs a download or ../shared. Run with
 
     TRITON_INTERPRET=1 python -m pytest -q test_robust_ft.py
 """
+import argparse
 import colorsys
 import io
 import json
@@ -2904,3 +2905,21 @@ def test_data_parallel_rift_finetuning_equals_one_process(ddp_ranks):
     torch.manual_seed(0)
     start = rf.build_model("resnet18", 10, 2).state_dict()
     assert not torch.allclose(state["layer2.0.conv1.weight"], start["layer2.0.conv1.weight"], atol=1e-4)  # it moved
+
+
+def test_resume_restores_each_rank_generator_or_reseeds_for_another_process_count(capsys):
+    with torch.random.fork_rng():                               # leave the suite's generator as it was
+        states = []
+        for seed in (11, 12):
+            torch.manual_seed(seed)
+            states.append(rf.rng_state())
+        ck = dict(rng=states[0], rng_per_rank=states, epoch=3)
+        args = argparse.Namespace(world_size=2, rank=1, seed=5)
+        run.restore_rng(args, ck)                                   # the same process count: rank 1's own state
+        assert torch.equal(torch.get_rng_state(), states[1]["torch"])
+        run.restore_rng(argparse.Namespace(world_size=1, rank=0, seed=5), ck)       # one process: "rng"
+        assert torch.equal(torch.get_rng_state(), states[0]["torch"])
+        capsys.readouterr()
+        run.restore_rng(argparse.Namespace(world_size=4, rank=2, seed=5), ck)       # another count: reseeded
+        assert torch.initial_seed() == run.rank_seed(5 + 3, 2)
+        assert "written by 2 process(es), this run has 4" in capsys.readouterr().err
