@@ -1299,8 +1299,9 @@ def main(argv=None):
         args.device_settings = setup_device(args)
         command = {"bench": cmd_bench, "eval": cmd_eval, "rift": cmd_rift, "compare": cmd_compare}
         result = command.get(args.method, cmd_train)(args)
-    except UsageError as e:                 # bad input: the same on every rank, so rank 0 says it
-        print(f"run.py: error: {e}", file=sys.stderr)
+    except UsageError as e:                 # bad input: the same on every rank, so rank 0 alone says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except (ValueError, FileNotFoundError, RuntimeError) as e:   # may be one rank's own: each says it
         where = f" (rank {args.rank})" if getattr(args, "world_size", 1) > 1 else ""

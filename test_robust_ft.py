@@ -2842,6 +2842,10 @@ def test_data_parallel_bad_input_is_one_line_before_any_process_group(monkeypatc
     assert "--sync-bn needs CUDA" in cli_error(["at", *SMALL, "--sync-bn", *out], capsys)
     assert "bench times one process" in cli_error(["bench", "mask", *out], capsys)
     assert not dist.is_initialized() and not (tmp_path / "x").exists()
+    monkeypatch.setenv("RANK", "1")                            # the other ranks exit 2 without a word
+    with pytest.raises(SystemExit) as e:
+        run.main(["at", *SMALL, "--batch-size", "33", *out])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
 
 
 DDP_CLI = ["cure", *FAST, "--epochs", "3", "--natural-epochs", "1"]   # global batch 16: 8 per rank
