@@ -640,14 +640,21 @@ def step_lr(base_lr, epoch, epochs, milestones=(0.5, 0.75)):
 
 
 def train_epoch(model, optimizer, step, split, batch_size, lr, generator, progress=None, rank=0, world_size=1):
-    """Run `step(model, optimizer, x, y)` over one shuffled, augmented epoch. Returns mean loss.
+    """Run `step(model, optimizer, x, y)` over one shuffled, augmented epoch in train mode at
+    learning rate `lr`. Returns the mean loss (see `run_epoch`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    return run_epoch(model, optimizer, step, split, batch_size, generator, progress, rank, world_size)
+
+
+def run_epoch(model, optimizer, step, split, batch_size, generator, progress=None, rank=0, world_size=1):
+    """`step(model, optimizer, x, y)` on every shuffled, augmented batch of one epoch, the model in
+    whatever mode it is; `progress(i, n)` after each. Returns the mean loss.
 
     Data parallel: this rank's slice of each global batch (see `batches`); the loss is the mean
     over the ranks too (one all-reduce per epoch).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    model.train()
     total, count = None, 0
     n_batches = max(1, len(split) // batch_size)
     for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True, rank=rank, world_size=world_size)):
@@ -1047,13 +1054,12 @@ def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, b
     eval mode, so no BatchNorm statistic moves (the official code fine-tunes in train mode):
     afterwards only the module's own tensors differ. requires_grad flags and mode are restored,
     no .grad is left. `progress(i, n)` counts batches over the whole run. Data parallel: as
-    `train_epoch` (this rank's slice of each batch, `average` for the gradients).
+    `run_epoch` (this rank's slice of each batch), with `average` for the gradients.
     """
     own = {id(p) for p in rift_module(model, name).parameters()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     milestones = ((epochs // 2) / epochs,) if epochs >= 2 else ()   # a 1-epoch run keeps lr
-    per_epoch = max(1, len(split) // batch_size)                     # `batches(train=True)` drops the tail
     losses = []
     try:
         for p in model.parameters():
@@ -1063,14 +1069,9 @@ def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, b
         for epoch in range(epochs):
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(lr, epoch, epochs, milestones)
-            total, count = None, 0
-            for i, (x, y) in enumerate(batches(split, batch_size, generator, True, rank, world_size)):
-                loss = natural_step(model, optimizer, x, y, average)
-                total = loss if total is None else total + loss      # on the device: no sync per step
-                count += 1
-                if progress is not None:
-                    progress(epoch * per_epoch + i + 1, epochs * per_epoch)
-            losses.append(float(mean_over_ranks(total, world_size)) / count if count else float("nan"))
+            overall = None if progress is None else (lambda i, n, e=epoch: progress(e * n + i, epochs * n))
+            losses.append(run_epoch(model, optimizer, lambda m, o, x, y: natural_step(m, o, x, y, average),
+                                    split, batch_size, generator, overall, rank, world_size))   # in eval mode
         optimizer.zero_grad(set_to_none=True)
     finally:
         for p, flag in flags:

@@ -224,9 +224,10 @@ def resolve(args):
 
 def setup_distributed(args):
     """Join torchrun's process group when WORLD_SIZE > 1: nccl with GPU LOCAL_RANK per rank, or gloo
-    for CPU processes. Sets args.rank, args.world_size, args.backend (None in one process) and
-    args.sync_bn. Ranks > 0 compute silently: their prints go nowhere, their errors to stderr."""
+    for CPU processes. Sets args.rank, args.local_rank, args.world_size, args.backend (None in one
+    process) and args.sync_bn. Ranks > 0 compute silently: their prints go nowhere, their errors to stderr."""
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))        # the process's index on its machine
     cuda = torch.device(args.device).type == "cuda"
     args.backend = None
     if args.world_size == 1:
@@ -242,9 +243,8 @@ def setup_distributed(args):
                          "keep per-rank BatchNorm statistics: drop --sync-bn or use --device cuda")
     args.sync_bn = cuda if args.sync_bn is None else args.sync_bn
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
+        torch.cuda.set_device(args.local_rank)
+        args.device = f"cuda:{args.local_rank}"
     args.backend = "nccl" if cuda else "gloo"
     dist.init_process_group(args.backend)
     if args.rank > 0:
@@ -378,7 +378,7 @@ def evaluate_into(args, metrics, key, model, split, autoattack=False):
 def setup_data(args):
     """Train / validation / test splits on the device, as the preset sizes them. Under torchrun the
     first process of each machine loads (and downloads) first, the others after it."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    first = args.local_rank == 0
     if args.world_size > 1 and not first:
         dist.barrier()
     data = rf.load_data(args.dataset, args.data_dir, args.holdout_per_class, seed=args.seed)
@@ -687,7 +687,7 @@ def restore_rng(args, ck):
 
 def config_record(args, method):
     cfg = {k: v for k, v in vars(args).items()
-           if isinstance(v, (int, float, str, bool, list, type(None))) and k != "rank"}
+           if isinstance(v, (int, float, str, bool, list, type(None))) and k not in ("rank", "local_rank")}
     cfg.update(method=method, versions=versions(), device_settings=args.device_settings)
     return cfg
 
@@ -713,10 +713,16 @@ def final_metrics(args, model, test, record, method, revision=None):
     return metrics
 
 
+def nrr_robust(result):
+    """The robust accuracy NRR (Eq. 9) is taken against: CW when it ran (the paper's), else the
+    per-example worst case; None when no attack covered the split."""
+    return result.get("cw", result.get("robust"))
+
+
 def with_nrr(result):
-    """Add NRR (Eq. 9) with the robust column the paper uses (CW when run, else the worst case),
-    and "nrr_autoattack" against AutoAttack (Tables 7-8), with the clean accuracy of the same images."""
-    rob = result.get("cw", result.get("robust"))
+    """Add NRR (Eq. 9) against `nrr_robust`, and "nrr_autoattack" against AutoAttack (Tables 7-8),
+    with the clean accuracy of the same images."""
+    rob = nrr_robust(result)
     if rob is not None and "clean" in result:
         result["nrr"] = rf.nrr(result["clean"], rob)
     if "autoattack" in result:
@@ -1194,7 +1200,7 @@ def table_row(metrics):
     """The paper's columns for one run: clean, PGD-20, PGD-100, CW, AutoAttack, NRR, minutes."""
     test = metrics.get("test", metrics.get("after", {}))
     row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack", "n_autoattack")}
-    row["robust"] = row["cw"] if row["cw"] is not None else test.get("robust")  # the paper's column, else worst case
+    row["robust"] = nrr_robust(test)
     row["nrr"] = rf.nrr(row["clean"], row["robust"]) if row["robust"] is not None else None   # Eq. 9
     row["nrr_autoattack"] = test.get("nrr_autoattack")                      # against AA (Tables 7-8)
     row["minutes"] = metrics.get("wall_seconds", 0.0) / 60
