@@ -514,6 +514,7 @@ def batches(split, batch_size, generator=None, train=False, rank=0, world_size=1
     same `generator` and keeps rows [rank * b, (rank + 1) * b), b = batch_size / world_size, so N
     ranks together see exactly the batches one process sees.
     """
+    check_rank(rank, world_size)
     if world_size > 1 and not train:
         raise ValueError("only training batches are split over ranks (`evaluate` shards whole batches)")
     if batch_size % world_size:
@@ -1475,6 +1476,7 @@ def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None
     gathered after each round, so every batch is the one a single process would attack; every
     rank reads `state_path`, rank 0 alone writes it.
     """
+    check_rank(rank, world_size)
     n, device = len(y), y.device
     fresh = dict(n=n, eps=eps, seed=seed, labels=y.tolist(), done=[], pending=None, flags=None)
     state = fresh
@@ -1565,6 +1567,7 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
         raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(EVAL_ATTACKS)}")
     if aa_size is not None and aa_size < 1:
         raise ValueError(f"aa_size={aa_size!r} must be >= 1 (or None for the whole split)")
+    check_rank(rank, world_size)
     was_training = model.training
     model.eval()
     n = len(split)
@@ -1690,6 +1693,20 @@ def load_state_dict_checked(model, state_dict, source="checkpoint", hint="check 
 # (`evaluate`). The functions below are the collectives; with world_size 1 they do nothing, so
 # one process never touches torch.distributed.
 
+def check_rank(rank, world_size):
+    """A ValueError naming the values unless world_size >= 1 and 0 <= rank < world_size."""
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank={rank!r}, world_size={world_size!r}: need an integer world_size >= 1 and "
+                         f"0 <= rank < world_size")
+
+
+def _check_group(world_size):
+    """A ValueError unless torch.distributed's default group has `world_size` ranks (else the means
+    would be divided by the wrong N)."""
+    if world_size < 1 or dist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size!r}, but the process group has {dist.get_world_size()} ranks")
+
+
 def _flat_buckets(tensors):
     """The tensors grouped by dtype, each group with one flat (contiguous) copy of its entries."""
     groups = {}
@@ -1706,6 +1723,7 @@ def all_reduce_mean_(tensors, world_size):
     """t <- (1/N) sum_r t^(r), in place, for every tensor: one all-reduce per dtype of a flat bucket."""
     if world_size == 1:
         return
+    _check_group(world_size)
     for group, flat in _flat_buckets(tensors):
         dist.all_reduce(flat)                 # the same bytes on every rank ...
         flat.div_(world_size)                 # ... and the same division: ranks stay bit-identical
@@ -1716,6 +1734,7 @@ def broadcast_(tensors, world_size, src=0):
     """t <- t^(src), in place, for every tensor: one broadcast per dtype of a flat bucket."""
     if world_size == 1:
         return
+    _check_group(world_size)
     for group, flat in _flat_buckets(tensors):
         dist.broadcast(flat, src)
         _unflatten_(group, flat)
@@ -1725,6 +1744,7 @@ def gradient_averager(model, world_size):
     """The steps' `average` for `model` on `world_size` ranks (None for one): it replaces the
     gradients handed to it, and the model's floating buffers (BatchNorm statistics, so that every
     rank keeps the same ones), by their means over the ranks, in one all-reduce per dtype."""
+    check_rank(0, world_size)
     if world_size == 1:
         return None
     buffers = [b for b in model.buffers() if b.is_floating_point()]
@@ -1735,6 +1755,7 @@ def mean_over_ranks(value, world_size):
     """The mean over the ranks of a 0-d tensor (a loss): a new tensor, the input untouched."""
     value = value.detach().clone()
     if world_size > 1:
+        _check_group(world_size)
         dist.all_reduce(value)
         value /= world_size
     return value
@@ -1744,6 +1765,8 @@ def gather_shards(work, m, world_size, device):
     """Run `work(out)`, which fills this rank's entries of `out` (int32, (m,), zeros elsewhere),
     and sum `out` over the ranks: every rank gets every entry. An exception on one rank is raised
     on all of them (after the all-reduce, so no rank is left waiting in it)."""
+    if world_size > 1:
+        _check_group(world_size)
     out = torch.zeros(m + 1, dtype=torch.int32, device=device)   # the last entry counts failed ranks
     error = None
     try:

@@ -8,6 +8,7 @@ generated data only: nothing here needs a download or ../shared. Run with
 """
 import argparse
 import colorsys
+import re
 import io
 import json
 import math
@@ -2815,6 +2816,7 @@ def test_data_parallel_average_is_one_all_reduce_per_dtype(monkeypatch):
         t.mul_(2)
 
     monkeypatch.setattr(rf.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(rf.dist, "get_world_size", lambda: 2)
     a, b = torch.randn(3, 4), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     c = torch.randn(7, dtype=torch.float64)
     before = [a.clone(), b.clone(), c.clone()]
@@ -2831,6 +2833,23 @@ def test_data_parallel_average_is_one_all_reduce_per_dtype(monkeypatch):
     masked = sum(p.numel() for _, p in rf.masked_parameters(model))
     bn = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     assert calls == [(torch.float32, params + 2 * masked + bn)]
+    with pytest.raises(ValueError, match="world_size=4, but the process group has 2 ranks"):
+        rf.all_reduce_mean_([a], 4)                            # the mean would be divided by the wrong N
+
+
+def test_data_parallel_functions_reject_a_bad_rank_or_world_size():
+    split = rf.synthetic_data(num_train=16, num_test=8, size=8)
+    model = tiny_model(width=2)
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        message = f"rank={rank}, world_size={world}: need an integer world_size >= 1 and 0 <= rank < world_size"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            next(rf.batches(split.train, 8, torch.Generator(), train=True, rank=rank, world_size=world))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            rf.evaluate(model, split.test, [], rank=rank, world_size=world)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            rf.autoattack_correct(model, *next(rf.batches(split.test, 8)), EPS, rank=rank, world_size=world)
+    with pytest.raises(ValueError, match="world_size=0"):
+        rf.gradient_averager(model, 0)
 
 
 def test_data_parallel_bad_input_is_one_line_before_any_process_group(monkeypatch, capsys, tmp_path):
