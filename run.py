@@ -19,6 +19,7 @@ JSON object on the last line of stdout. Bad input exits with code 2 and a one-li
 """
 import argparse
 import copy
+import importlib
 import json
 import os
 import platform
@@ -246,6 +247,11 @@ def setup_distributed(args):
         torch.cuda.set_device(args.local_rank)
         args.device = f"cuda:{args.local_rank}"
     args.backend = "nccl" if cuda else "gloo"
+    # The optimisers import torch._dynamo at their first step. Imported while a process group exists,
+    # it adds references to the group (10 on torch 2.15) that destroy_process_group() does not drop:
+    # gloo's threads then outlive the group and can abort the process at exit ("terminate called
+    # without an active exception"). Imported before the group exists, it holds none.
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(args.backend)
     if args.rank > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -1313,7 +1319,10 @@ def main(argv=None):
         where = f" (rank {args.rank})" if getattr(args, "world_size", 1) > 1 else ""
         print(f"run.py: error{where}: {e}", file=sys.__stderr__ if where else sys.stderr)
         sys.exit(2)
-    if dist.is_initialized():      # every rank got here: leave the group cleanly (NCCL warns otherwise)
+    if dist.is_initialized():
+        # Every rank got here. Leave together (the barrier holds the other ranks until rank 0 has
+        # written its files), and free the group's threads before the interpreter shuts down.
+        dist.barrier()
         dist.destroy_process_group()
     return result
 

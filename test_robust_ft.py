@@ -2549,6 +2549,7 @@ def test_autoattack_defaults_per_preset():
 import datetime
 import signal
 import subprocess
+import textwrap
 import time
 
 import torch.distributed as dist
@@ -2644,6 +2645,7 @@ def ddp_finetune(rank=0, world_size=1):
 def ddp_worker(rank, world_size, init_file, out_dir):
     """One rank of the 2-process tests; saves what it computed to out_dir/rank{rank}.pt."""
     torch.set_num_threads(1)
+    importlib.import_module("torch._dynamo")   # before the group, or its threads outlive it (run.setup_distributed)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))     # a hang becomes an error
     result = {}
@@ -2692,6 +2694,7 @@ def ddp_worker(rank, world_size, init_file, out_dir):
         result["eval"] = ddp_evaluate(model, split, os.path.join(out_dir, "aa.json"), rank, world_size)
         rf.pgd = ddp_failing_pgd
         result["eval_failing"] = ddp_evaluate(model, split, None, rank, world_size)
+        dist.barrier()                          # leave the group together, as run.main does
     finally:
         rf.pgd, rf.autoattack_one = real_pgd, real_aa
         dist.destroy_process_group()
@@ -2874,7 +2877,8 @@ def torchrun(argv, **popen):
     """`torchrun --standalone --nproc_per_node=2 run.py ARGV` (as `python -m torch.distributed.run`)."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"), **popen)   # a crash shows where
 
 
 def torchrun_metrics(argv):
@@ -2913,6 +2917,46 @@ def test_torchrun_cure_end_to_end_killed_and_resumed(tmp_path):
     resumed = torchrun_metrics([*DDP_CLI, "--out", str(tmp_path / "b"), "--resume"])
     for key in ("test", "test_best", "test_revision", "best_epoch", "epochs"):
         assert resumed.get(key) == straight.get(key), key
+
+
+def test_torchrun_process_group_frees_its_threads(tmp_path):
+    """After setup_distributed, an optimiser step (which imports torch._dynamo) and destroy_process_group,
+    no gloo thread is left: such threads, alive at interpreter exit, aborted ranks now and then."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import argparse, os, sys, torch
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import run
+        threads = lambda: len(os.listdir("/proc/self/task"))
+        torch.ones(4).sum()
+        before = threads()
+        args = argparse.Namespace(method="natural", batch_size=16, sync_bn=None, device="cpu")
+        run.setup_distributed(args)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        run.dist.all_reduce(model.weight.grad)
+        run.dist.destroy_process_group()
+        with open(os.path.join({str(tmp_path)!r}, f"threads{{args.rank}}.txt"), "w") as f:
+            f.write(f"{{before}} {{threads()}}")
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [(tmp_path / f"threads{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert all(before == after for before, after in counts), counts     # (3 more without the fix)
+
+
+def test_torchrun_ranks_leave_together_after_rank0_has_written(tmp_path, monkeypatch):
+    """At the normal end every rank waits at a barrier, reached by rank 0 only after metrics.json is
+    written, and only then leaves the process group: no rank tears down while a peer still works."""
+    calls = []
+    monkeypatch.setattr(run.dist, "is_initialized", lambda: True)     # as under torchrun, one process
+    monkeypatch.setattr(run.dist, "barrier", lambda: calls.append(("barrier", (tmp_path / "metrics.json").exists())))
+    monkeypatch.setattr(run.dist, "destroy_process_group", lambda: calls.append(("destroy", None)))
+    run.main(["natural", *FAST, "--epochs", "1", "--out", str(tmp_path)])
+    assert calls == [("barrier", True), ("destroy", None)]
 
 
 def test_data_parallel_rift_finetuning_equals_one_process(ddp_ranks):
