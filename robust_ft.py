@@ -1754,10 +1754,7 @@ def gradient_averager(model, world_size):
 def mean_over_ranks(value, world_size):
     """The mean over the ranks of a 0-d tensor (a loss): a new tensor, the input untouched."""
     value = value.detach().clone()
-    if world_size > 1:
-        _check_group(world_size)
-        dist.all_reduce(value)
-        value /= world_size
+    all_reduce_mean_([value], world_size)
     return value
 
 
