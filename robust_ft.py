@@ -734,21 +734,82 @@ def rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
         g.masked_fill_((key < threshold).view(g.shape), 0)
 
 
+def official_masked_names(names):
+    """The tensors the official rgp_soft mask touches: every parameter whose qualified name contains
+    "conv1", except the first parameter (NeurAI-Lab/CURE `utilities/reinit_util.py`, `RGP.fuse_grads`:
+    `l > 0 and 'conv1' in layer_names[l]`). For ResNet-18: the 8 `layerX.Y.conv1.weight` tensors."""
+    return [n for i, n in enumerate(names) if i > 0 and "conv1" in n]
+
+
+def official_percentile(score, percentile):
+    """`np.percentile(score, p)` (linear interpolation, NaN if any entry is NaN), in float64 on the
+    score's device: t = v[i] + (v[i+1] - v[i]) * f at the virtual index (n - 1) p / 100 = i + f of the
+    sorted values v (for f >= 0.5 NumPy computes v[i+1] - (v[i+1] - v[i]) * (1 - f); so here)."""
+    v = score.flatten().sort().values                      # torch.sort puts NaN last, as NumPy does
+    n = v.numel()
+    index = (n - 1) * (percentile / 100)
+    lo = min(math.floor(index), n - 1)
+    hi, f = min(lo + 1, n - 1), index - lo
+    a, b = v[lo].double(), v[hi].double()
+    t = b - (b - a) * (1 - f) if f >= 0.5 else a + (b - a) * f
+    return torch.where(torch.isnan(v[-1]), v[-1].double(), t)   # 0-d device tensor: no sync
+
+
+@torch.no_grad()
+def official_rgp_mask_(named_grads, named_grads_nat, named_grads_kl, alpha, percentile):
+    """The official code's RGP mask (`--reinit_mode rgp_soft`): zero g where s < percentile_p(s).
+
+    s = alpha * g_nat + (1 - alpha) * g_kl, SIGNED (no absolute values), g_kl the gradient of the
+    KL term of Eq. 5 (not of CE(f(x_adv), y)); per tensor the threshold is NumPy's linearly
+    interpolated percentile of s (`official_percentile`), p in percent. Only the tensors named by
+    `official_masked_names` are masked. The lists hold (qualified_name, tensor) pairs in
+    `model.named_parameters()` order; the first list is masked in place and the masked names
+    are returned. Plain PyTorch only (no fused kernel); one sort per masked tensor.
+    """
+    names = [n for n, _ in named_grads]
+    if [n for n, _ in named_grads_nat] != names or [n for n, _ in named_grads_kl] != names:
+        raise ValueError("named_grads, named_grads_nat and named_grads_kl must name the same tensors in "
+                         "the same order")
+    grads, grads_nat, grads_kl = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_kl))
+    masked = official_masked_names(names)
+    check_rgp_args([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_kl[n] for n in masked],
+                   alpha, percentile)
+    a, b = rgp_coefficients(alpha)
+    for n in masked:
+        score = grads_nat[n].float().mul(a).add_(grads_kl[n].float().mul(b))   # float32, no FMA
+        grads[n].masked_fill_(score.double() < official_percentile(score, percentile), 0)
+    return masked
+
+
 def consistency_loss(logits, logits_rev):
     """KL(p_rev || p), batch mean; Eq. 8 is its sum over the natural and the adversarial batch."""
     return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(logits_rev, dim=1), reduction="batchmean")
 
 
+CURE_VARIANTS = ("paper", "official")
+
+
 @dataclass(frozen=True)
 class CureConfig:
-    """CURE hyperparameters; defaults are Table 9 for ResNet-18 on CIFAR-10."""
+    """CURE hyperparameters; defaults are Table 9 for ResNet-18 on CIFAR-10, beta the official code's."""
     percentile: float = 30.0   # p: share of each weight tensor's entries kept frozen per step (Table 9)
     alpha: float = 0.1         # weight of the natural gradient in the RGP score, Eq. 6 (Table 9)
     gamma: float = 1.0         # weight of the consistency loss L_CR, Eq. 8 (Table 9)
-    beta: float = 1.0          # weight of the KL term in L_adv, Eq. 5 (the paper writes it without one)
+    # Weight of the KL term in L_adv (Eq. 5). Eq. 5 as printed has weight 1; every official run used
+    # 5: NeurAI-Lab/CURE `utilities/args.py` --trades_beta (default 5), passed as cure_loss_dual's
+    # beta by `utilities/train.py` on every path. Weight 1 loses much of the robustness (README).
+    beta: float = 5.0
     rate: float = 0.2          # revision rate r at the start, decayed linearly to r/10 (Table 9, Sec. 4)
     decay: float = 0.999       # revision decay d for a 200-epoch run (Table 9); see `revision_decay`
     exclude: tuple = ()        # masked-tensor names to leave unmasked (e.g. the classifier)
+    # "paper": Eq. 6's score and the exact rank-k rule on every weight, eval-mode revision model with
+    # r_t decaying. "official": the official code's rgp_soft mask (`official_rgp_mask_`) and its
+    # train-mode, parameters-only revision model at the constant rate r.
+    variant: str = "paper"
+
+    def __post_init__(self):
+        if self.variant not in CURE_VARIANTS:
+            raise ValueError(f"unknown CURE variant {self.variant!r}; choose one of {list(CURE_VARIANTS)}")
 
 
 CURE_DEFAULTS = {  # (model, dataset) -> (percentile, alpha, gamma), Table 9
@@ -789,30 +850,47 @@ def revision_decay(decay, rate, total_steps):
 
 
 class Revision:
-    """The revision model of Eq. 7: a stochastic momentum (EMA) copy of the training model."""
+    """The revision model of Eq. 7: a stochastic momentum (EMA) copy of the training model.
 
-    def __init__(self, model):
-        self.model = copy.deepcopy(model).eval()
+    train_mode=False (the paper's reading): the copy gives its targets in eval mode, and its
+    parameters and floating-point buffers are averaged. train_mode=True (the official code,
+    `utilities/train.py`): the copy stays in train mode, so its targets use the batch's statistics
+    and its forwards update its own BatchNorm statistics, and only its parameters are averaged.
+    """
+
+    def __init__(self, model, train_mode=False):
+        self.model = copy.deepcopy(model).train(train_mode)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.train_mode = train_mode
         self.updates = 0
+
+    @torch.no_grad()
+    def targets(self, x, x_adv):
+        """(logits_rev(x), logits_rev(x_adv)), without gradient, in the copy's own mode."""
+        return self.model(x), self.model(x_adv)
 
     @torch.no_grad()
     def update_(self, model, decay, step):
         """theta_rev <- d_t * theta_rev + (1 - d_t) * theta, d_t = min(d, 1 - 1/(step + 1)) (Eq. 7).
 
         The min() is the mean-teacher warm-up: early updates move the copy quickly, so it does not
-        sit at its initial weights. Floating-point buffers (BatchNorm statistics) are averaged too;
-        integer buffers are copied.
+        sit at its initial weights. In eval mode floating-point buffers (BatchNorm statistics) are
+        averaged too and integer buffers copied; in train mode the buffers are the copy's own.
         """
         d = min(decay, 1.0 - 1.0 / (step + 1))
-        rev, cur = self.model.state_dict(), model.state_dict()
-        floats = [k for k, v in rev.items() if v.is_floating_point()]
-        torch._foreach_mul_([rev[k] for k in floats], d)
-        torch._foreach_add_([rev[k] for k in floats], [cur[k] for k in floats], alpha=1.0 - d)
-        for k, v in rev.items():
-            if not v.is_floating_point():
-                v.copy_(cur[k])
+        if self.train_mode:
+            rev = [p for p in self.model.parameters()]
+            cur = [p.detach() for p in model.parameters()]
+        else:
+            rev_state, cur_state = self.model.state_dict(), model.state_dict()
+            floats = [k for k, v in rev_state.items() if v.is_floating_point()]
+            rev, cur = [rev_state[k] for k in floats], [cur_state[k] for k in floats]
+            for k, v in rev_state.items():
+                if not v.is_floating_point():
+                    v.copy_(cur_state[k])
+        torch._foreach_mul_(rev, d)
+        torch._foreach_add_(rev, cur, alpha=1.0 - d)
         self.updates += 1
 
     def maybe_update_(self, model, decay, rate, step, generator):
@@ -826,53 +904,86 @@ def revision_rate(rate, progress):
     return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
 
 
+def cure_rate(cfg, progress):
+    """The revision probability at `progress` (0 to 1) of the run: r_t for the paper variant; the
+    official code's constant r (its --ema_dynamic, off by default, is not reproduced)."""
+    return cfg.rate if cfg.variant == "official" else revision_rate(cfg.rate, progress)
+
+
+def cure_revision(model, cfg):
+    """A fresh revision model for `cfg.variant` (the official one stays in train mode)."""
+    return Revision(model, train_mode=cfg.variant == "official")
+
+
 def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
     """The three gradients of one CURE step from one forward graph, with three backward passes.
 
-    Returns (g, g_nat, g_adv) per parameter: g = dL/dtheta with L = L_adv + gamma * L_CR
-    (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta and g_adv = dCE(f(x_adv), y)/dtheta (Eq. 6).
-    Since L = CE(f(x), y) + rest, g = g_nat + d(rest)/dtheta: no fourth pass for L itself.
+    Returns (g, g_nat, g_score, L) per trainable parameter: g = dL/dtheta with
+    L = CE(f(x), y) + beta KL(p(x) || p(x_adv)) + gamma L_CR (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta,
+    and the second gradient of the mask's score: g_adv = dCE(f(x_adv), y)/dtheta (Eq. 6, paper
+    variant) or g_kl = dKL(p(x) || p(x_adv))/dtheta (official variant). L is CE(f(x), y) plus the
+    rest, so g = g_nat + d(rest)/dtheta (paper) or g_nat + beta g_kl + gamma dL_CR/dtheta (official):
+    no fourth pass for L itself.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     logits_nat, logits_adv = model(x), model(x_adv)
-    ce_nat, ce_adv = F.cross_entropy(logits_nat, y), F.cross_entropy(logits_adv, y)
+    ce_nat = F.cross_entropy(logits_nat, y)
     kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
     l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
-    rest = cfg.beta * kl + cfg.gamma * l_cr
     g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    g_adv = torch.autograd.grad(ce_adv, params, retain_graph=True)
+    if cfg.variant == "official":
+        g_kl = torch.autograd.grad(kl, params, retain_graph=True)
+        g_cr = torch.autograd.grad(cfg.gamma * l_cr, params)
+        g = torch._foreach_add(torch._foreach_add(g_nat, g_kl, alpha=cfg.beta), g_cr)
+        return g, g_nat, g_kl, (ce_nat + cfg.beta * kl + cfg.gamma * l_cr).detach()
+    rest = cfg.beta * kl + cfg.gamma * l_cr
+    g_adv = torch.autograd.grad(F.cross_entropy(logits_adv, y), params, retain_graph=True)
     g_rest = torch.autograd.grad(rest, params)
-    g = torch._foreach_add(g_nat, g_rest)
-    return g, g_nat, g_adv, (ce_nat + rest).detach()
+    return torch._foreach_add(g_nat, g_rest), g_nat, g_adv, (ce_nat + rest).detach()
+
+
+def cure_masked(model, cfg):
+    """(name, index into the trainable parameters) of the tensors cfg's mask applies to: every
+    weight with ndim >= 2 outside cfg.exclude (paper), or `official_masked_names` (official)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    index = {id(p): i for i, (_, p) in enumerate(named)}
+    if cfg.variant == "official":
+        position = {n: i for i, (n, _) in enumerate(named)}
+        return [(n, position[n]) for n in official_masked_names([n for n, _ in named])]
+    return [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
 
 
 def cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generator,
               eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None, average=None):
     """One CURE step (Algorithm 1): attack, three gradients, RGP mask, SGD step, revision.
 
-    `decay` is the d actually used (see `revision_decay`), `rate` the current r_t, `step` the
-    global step count (for the mean-teacher warm-up). If `updated` (a dict) is given, the number
-    of updated entries per masked tensor is added to it on the device (Figure 6b).
-    Data parallel: `average` (section 8) replaces g, and g_nat, g_adv of the masked tensors, by
-    their means over the ranks before the mask, so every rank computes the same mask, and
-    `generator` must be seeded alike on every rank (the same revision coin). Returns the
+    `decay` is the d actually used (see `revision_decay`), `rate` the current r_t (`cure_rate`),
+    `step` the global step count (for the mean-teacher warm-up). `mask_fn` replaces `rgp_mask_`
+    (the fused kernels; paper variant only). If `updated` (a dict) is given, the number of updated
+    entries per masked tensor is added to it on the device (Figure 6b).
+    Data parallel: `average` (section 8) replaces g, and the two score gradients of the masked
+    tensors, by their means over the ranks before the mask, so every rank computes the same mask,
+    and `generator` must be seeded alike on every rank (the same revision coin). Returns the
     detached loss L.
     """
     x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                         # Eq. 4
-    with torch.no_grad():
-        rev_nat, rev_adv = revision.model(x), revision.model(x_adv)                    # eval mode
-    g, g_nat, g_adv, loss = cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    index = {id(p): i for i, p in enumerate(params)}
-    sel = [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
-    if average is not None:       # the scores need the mean g_nat, g_adv: 3x the plain volume
-        average([*g, *(g_nat[i] for _, i in sel), *(g_adv[i] for _, i in sel)])
-    (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel], [g_adv[i] for _, i in sel],
-                           cfg.alpha, cfg.percentile)                                  # Eq. 6, Alg. 1 l. 20
+    rev_nat, rev_adv = revision.targets(x, x_adv)
+    g, g_nat, g_score, loss = cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)
+    sel = cure_masked(model, cfg)
+    if average is not None:       # the scores need the mean g_nat, g_score: 3x the plain volume
+        average([*g, *(g_nat[i] for _, i in sel), *(g_score[i] for _, i in sel)])
+    if cfg.variant == "official":
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        official_rgp_mask_(list(zip(names, g)), list(zip(names, g_nat)), list(zip(names, g_score)),
+                           cfg.alpha, cfg.percentile)
+    else:
+        (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel], [g_score[i] for _, i in sel],
+                               cfg.alpha, cfg.percentile)                              # Eq. 6, Alg. 1 l. 20
     if updated is not None:
         with torch.no_grad():
             for name, i in sel:
                 updated[name] = updated.get(name, 0) + (g[i] != 0).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
     for p, gi in zip(params, g):
         p.grad = gi
     optimizer.step()
@@ -1411,11 +1522,16 @@ def load_cifar10c(directory, names, severities=(1, 2, 3, 4, 5), num=None):
 # 7. Evaluation: clean, PGD-20, PGD-100, CW-inf, AutoAttack; NRR (Eq. 9); checkpoints
 # =============================================================================
 
-EVAL_ATTACKS = {  # name -> PGD arguments (spec: step 2/255, random start; CW = PGD on the margin)
+EVAL_ATTACKS = {  # name -> PGD arguments (step 2/255 unless given, random start; CW = PGD on the margin)
     "pgd10": dict(steps=10, loss="ce"),
     "pgd20": dict(steps=20, loss="ce"),
     "pgd100": dict(steps=100, loss="ce"),
     "cw": dict(steps=20, loss="cw"),
+    # The official CURE evaluation (NeurAI-Lab/CURE `utilities/adv_utils.py`, as TRADES' official
+    # one): 20 steps of 0.003, whatever eps. Its CW clamps the margin at a confidence of 50 logits,
+    # which only stops moving examples already misclassified by that much.
+    "pgd20_official": dict(steps=20, loss="ce", step_size=0.003),
+    "cw_official": dict(steps=20, loss="cw", step_size=0.003),
 }
 
 
@@ -1588,8 +1704,8 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
                 if i % world_size != rank:
                     continue                        # another rank's batch
                 if name != "clean":
-                    x_adv = pgd(model, x, y, eps, step_size, generator=batch_generator(seed, i, x.device),
-                                **EVAL_ATTACKS[name])
+                    x_adv = pgd(model, x, y, eps, generator=batch_generator(seed, i, x.device),
+                                **{"step_size": step_size, **EVAL_ATTACKS[name]})
                     check_adversarial(x_adv, x, eps)
                     x = x_adv
                 with torch.no_grad():

@@ -21,6 +21,7 @@ import argparse
 import copy
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -99,7 +100,11 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--eps", type=float, default=8.0, help="L-inf radius in pixel units /255 (default 8)")
     p.add_argument("--attack-steps", type=int, help="PGD steps of the training attack (step eps/4)")
-    p.add_argument("--beta", type=float, help="TRADES beta (default 6) / CURE beta (default 1)")
+    p.add_argument("--beta", type=float, help="TRADES beta (default 6) / CURE beta: the KL weight of Eq. 5 "
+                   "(default 5, the official code's; 1 is Eq. 5 as printed)")
+    p.add_argument("--cure-variant", default="paper", help="CURE: paper (Eq. 6 mask on every weight, eval-mode "
+                   "revision, r_t decaying) | official (the official code's rgp_soft mask on the conv1 tensors, "
+                   "train-mode revision, constant r)")
     p.add_argument("--percentile", type=float, help="CURE p (default: Table 9)")
     p.add_argument("--alpha", type=float, help="CURE alpha (default: Table 9)")
     p.add_argument("--gamma", type=float, help="CURE gamma (default: Table 9)")
@@ -146,11 +151,20 @@ def parse_args(argv):
     p.add_argument("--rift-epochs", type=int, help="RiFT: fine-tuning epochs (paper: 10)")
     p.add_argument("--mrc-size", type=int, help="RiFT: training images whose adversarial examples define L_rob")
     # compare
-    p.add_argument("--methods", default=",".join(COMPARE_METHODS), help="compare: methods to train")
+    p.add_argument("--methods", help="compare: methods to train (default: " + ",".join(COMPARE_METHODS) +
+                   "; with --ablation: none besides the ablation's rows)")
+    p.add_argument("--ablation", action="store_true",
+                   help="compare: CURE's ablation (Table 7: neither part, RGP only, revision only, both) plus "
+                        "CURE with beta 1 and the official variant, from one natural checkpoint")
     p.add_argument("--rift", action="store_true", help="compare: apply RiFT to each method's result")
     # bench
     p.add_argument("--reps", type=int, default=10, help="bench: timed repetitions")
     return p.parse_args(argv)
+
+
+def default_beta(method):
+    """The KL weight a method gets when --beta is not given: CURE's official 5, TRADES' 6."""
+    return rf.CureConfig.beta if method == "cure" else 6.0
 
 
 def resolve(args):
@@ -204,11 +218,17 @@ def resolve(args):
     if args.weight_decay is None:
         args.weight_decay = WEIGHT_DECAY.get(args.method, 5e-4)
     if args.beta is None:
-        args.beta = 1.0 if args.method == "cure" else 6.0
+        args.beta = default_beta(args.method)
+    if args.cure_variant not in rf.CURE_VARIANTS:
+        raise UsageError(f"unknown --cure-variant {args.cure_variant!r}; choose one of {list(rf.CURE_VARIANTS)}")
     if args.amp not in ("none", "bf16"):
         raise UsageError(f"unknown --amp {args.amp!r}; choose one of ['none', 'bf16']")
     if args.channels_last is None:
         args.channels_last = torch.device(args.device).type == "cuda"
+    for name, low, high in (("percentile", 0, 100), ("alpha", 0, 1), ("gamma", 0, math.inf), ("beta", 0, math.inf)):
+        v = getattr(args, name)
+        if v is not None and not low <= v <= high:    # also rejects NaN
+            raise UsageError(f"--{name} {v} must be in [{low}, {high}]")
     if args.mrc_variant not in ("paper", "official"):
         raise UsageError(f"unknown --mrc-variant {args.mrc_variant!r}; choose one of ['paper', 'official']")
     if args.out is None:
@@ -552,7 +572,7 @@ def method_step(args, method, cure_state=None, average=None):
 
     def step_cure(m, o, x, y):
         loss = rf.cure_step(m, o, x, y, s["revision"], s["cfg"], s["decay"],
-                            rf.revision_rate(s["cfg"].rate, s["step"] / s["total_steps"]), s["step"],
+                            rf.cure_rate(s["cfg"], s["step"] / s["total_steps"]), s["step"],
                             s["generator"], eps, step, k, s["mask_fn"], s["updated"], average)
         s["step"] += 1
         return loss
@@ -566,7 +586,8 @@ def cure_config(args, model):
         percentile=cfg.percentile if args.percentile is None else args.percentile,
         alpha=cfg.alpha if args.alpha is None else args.alpha,
         gamma=cfg.gamma if args.gamma is None else args.gamma,
-        beta=args.beta, rate=args.revision_rate, decay=args.revision_decay, exclude=exclude)
+        beta=args.beta, rate=args.revision_rate, decay=args.revision_decay, exclude=exclude,
+        variant=args.cure_variant)
 
 
 def train(args, method, data, train_split, val, test, out, init_model=None):
@@ -599,10 +620,10 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         cfg = cure_config(args, model)
         total = (epochs - args.warmup_epochs) * steps_per_epoch       # CURE steps: r_t reaches r/10 at the end
         decay = rf.revision_decay(cfg.decay, cfg.rate, total)
-        cure_state = dict(cfg=cfg, revision=rf.Revision(model), decay=decay, step=0, total_steps=total,
+        cure_state = dict(cfg=cfg, revision=rf.cure_revision(model, cfg), decay=decay, step=0, total_steps=total,
                           generator=torch.Generator().manual_seed(args.seed + 1),
                           mask_fn=mask_function(args.device), updated={})
-        print(f"CURE: p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
+        print(f"CURE ({cfg.variant} variant): p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
               f"r={cfg.rate} d={decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
     record = dict(log=[], epoch_seconds=[], best=None)
     start_epoch = 0
@@ -637,7 +658,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         entry["val"] = rf.evaluate(model, eval_split, ["pgd20"], args.eps_px, seed=args.seed, **shard)
         if cure_state is not None:
             if warm:
-                cure_state["revision"] = rf.Revision(model)    # revise from where adversarial training starts
+                cure_state["revision"] = rf.cure_revision(model, cure_state["cfg"])   # revise from where AT starts
             else:
                 entry["val_revision"] = rf.evaluate(cure_state["revision"].model, eval_split, ["pgd20"], args.eps_px,
                                                     seed=args.seed, **shard)
@@ -671,7 +692,8 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         if writer(args):
             rf.save_checkpoint(ckpt_path, **state)
     # which RGP mask path ran in this process (CURE only): fused, plain, or plain after a mismatch
-    record["mask_path"] = mask_path(cure_state["mask_fn"]) if cure_state else None
+    record["mask_path"] = None if cure_state is None else (
+        "official (plain)" if cure_state["cfg"].variant == "official" else mask_path(cure_state["mask_fn"]))
     return model, (cure_state["revision"] if cure_state else None), record
 
 
@@ -874,7 +896,7 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, decay, rate,
     import kernels
     x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
     with torch.no_grad():
-        rev_nat, rev_adv = revision.model(x), revision.model(x_adv)
+        rev_nat, rev_adv = revision.targets(x, x_adv)
     logits_nat, logits_adv = model(x), model(x_adv)
     terms = [torch.nn.functional.cross_entropy(logits_nat, y), torch.nn.functional.cross_entropy(logits_adv, y),
              cfg.beta * torch.nn.functional.kl_div(torch.log_softmax(logits_adv, 1), torch.softmax(logits_nat, 1),
@@ -963,7 +985,7 @@ def cure_step_phases(model, opt, x, y, revision, cfg, mask_fn, eps, step_size, s
     x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
     timer("attack")
     with torch.no_grad():
-        rev_nat, rev_adv = revision.model(x), revision.model(x_adv)
+        rev_nat, rev_adv = revision.targets(x, x_adv)
     timer("revision forwards")
     params = [p for p in model.parameters() if p.requires_grad]
     logits_nat, logits_adv = model(x), model(x_adv)
@@ -1146,7 +1168,7 @@ def sub_run(args, method, out, **changes):
     sub = argparse.Namespace(**vars(args))
     sub.method, sub.out, sub.resume = method, out, True
     sub.weight_decay = args.weight_decay_given if args.weight_decay_given is not None else WEIGHT_DECAY[method]
-    sub.beta = args.beta_given if args.beta_given is not None else (1.0 if method == "cure" else 6.0)
+    sub.beta = args.beta_given if args.beta_given is not None else default_beta(method)
     for k, v in changes.items():
         setattr(sub, k, v)
     return sub
@@ -1172,40 +1194,90 @@ def run_stage(sub, command):
     return command(sub)
 
 
-def cmd_compare(args):
-    methods = [m for m in args.methods.split(",") if m]
+# The ablation: stage directory -> (row label, what changes from the default CURE stage). The first four
+# are the CURE paper's Table 7 (RGP and revision each on or off); "neither" is TRADES-style training
+# with CURE's beta and weight decay. Then Eq. 5 as printed (beta 1) and the official code's variant.
+ABLATION = {
+    "cure_neither": ("CURE, neither part (p 0, gamma 0)", dict(percentile=0.0, gamma=0.0)),
+    "cure_rgp": ("CURE, RGP only (gamma 0)", dict(gamma=0.0)),
+    "cure_revision": ("CURE, revision only (p 0)", dict(percentile=0.0)),
+    "cure": ("CURE, RGP and revision", {}),
+    "cure_beta1": ("CURE, beta 1 (Eq. 5 as printed)", dict(beta=1.0)),
+    "cure_official": ("CURE, official variant (rgp_soft)", dict(cure_variant="official")),
+}
+# CURE paper, Table 7 (ResNet-18, CIFAR-10, full scale): clean, PGD-20, CW, AutoAttack, NRR against AA.
+# The check marks are lost from the paper's text; the order is neither, RGP only, revision only, both
+# (the first row is the paper's TRADES row of Table 1, the last its CURE row).
+PAPER_TABLE7 = {
+    "cure_neither": (82.41, 52.76, 50.43, 48.37, 60.95),
+    "cure_rgp": (81.27, 53.20, 51.33, 49.06, 61.18),
+    "cure_revision": (83.28, 51.57, 50.96, 47.35, 60.37),
+    "cure": (86.76, 54.90, 52.48, 49.69, 63.19),
+}
+
+
+def compare_methods(args):
+    """The stages `compare` trains after the natural one: --methods (default: at, trades, cure; with
+    --ablation none), then the ablation's stages. Returns (stages, {stage: changes to its args})."""
+    given = args.methods if args.methods is not None else ("" if args.ablation else ",".join(COMPARE_METHODS))
+    methods = [m for m in given.split(",") if m]
     bad = [m for m in methods if m not in COMPARE_METHODS]
-    if bad or not methods:
+    if bad or not (methods or args.ablation):
         raise UsageError(f"unknown --methods entry {bad[0] if bad else ''!r}; choose from {list(COMPARE_METHODS)}")
+    changes = {m: {} for m in methods}
+    if args.ablation:
+        changes.update({stage: change for stage, (_, change) in ABLATION.items()})
+    return list(changes), changes
+
+
+def cmd_compare(args):
+    stages, changes = compare_methods(args)
     os.makedirs(args.out, exist_ok=True)
     nat_dir = os.path.join(args.out, "natural")
     natural = run_stage(sub_run(args, "natural", nat_dir, epochs=args.natural_epochs, init=None), cmd_train)
     nat_ckpt = os.path.join(nat_dir, "checkpoint.pt")
     rows = {"natural": natural}
-    for m in methods:
-        rows[m] = run_stage(sub_run(args, m, os.path.join(args.out, m), init=nat_ckpt), cmd_train)
+    for stage in stages:
+        method = stage.split("_")[0]                       # cure_rgp etc. are CURE stages
+        rows[stage] = run_stage(sub_run(args, method, os.path.join(args.out, stage), init=nat_ckpt,
+                                        **changes[stage]), cmd_train)
         if args.rift:
-            rows[f"{m}+rift"] = run_stage(
-                sub_run(args, "rift", os.path.join(args.out, f"{m}_rift"),
-                        init=os.path.join(args.out, m, "checkpoint.pt")), cmd_rift)
+            rows[f"{stage}+rift"] = run_stage(
+                sub_run(args, "rift", os.path.join(args.out, f"{stage}_rift"),
+                        init=os.path.join(args.out, stage, "checkpoint.pt")), cmd_rift)
     results = dict(dataset=args.dataset, preset=args.preset, model=args.model, width=args.width,
                    epochs=args.epochs, natural_epochs=args.natural_epochs, seed=args.seed,
                    device=str(args.device), rows=rows)
+    if args.ablation:
+        results["paper_table7"] = {ABLATION[k][0]: dict(zip(("clean", "pgd20", "cw", "autoattack", "nrr_autoattack"), v))
+                                   for k, v in PAPER_TABLE7.items()}
     plots = []
     if writer(args):
         rf.save_json(os.path.join(args.out, "results.json"), results)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(results_table(results))
-        plots = make_plots(args.out, rows, methods)
+        plots = make_plots(args.out, rows, stages)
     summary = dict(method="compare", dataset=args.dataset, out=args.out, plots=plots,
                    table={name: table_row(r) for name, r in rows.items()})
     return finish(args, summary)
 
 
+def is_ablation(rows):
+    """Whether `rows` hold the ablation (any of its stages besides the plain `cure`)."""
+    return any(stage in rows for stage in ABLATION if stage != "cure")
+
+
+def row_label(name, ablation):
+    """A table's name for a stage: in an ablation, its label; else the stage name itself."""
+    base, plus, rest = name.partition("+")
+    return ABLATION[base][0] + plus + rest if ablation and base in ABLATION else name
+
+
 def table_row(metrics):
     """The paper's columns for one run: clean, PGD-20, PGD-100, CW, AutoAttack, NRR, minutes."""
     test = metrics.get("test", metrics.get("after", {}))
-    row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack", "n_autoattack")}
+    row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack", "n_autoattack",
+                                    "pgd20_official", "cw_official")}
     row["robust"] = nrr_robust(test)
     row["nrr"] = rf.nrr(row["clean"], row["robust"]) if row["robust"] is not None else None   # Eq. 9
     row["nrr_autoattack"] = test.get("nrr_autoattack")                      # against AA (Tables 7-8)
@@ -1217,6 +1289,8 @@ def results_table(results):
     cols = [("clean", "Clean"), ("pgd20", "PGD-20"), ("pgd100", "PGD-100"), ("cw", "CW-inf"),
             ("autoattack", "AutoAttack"), ("nrr", "NRR (Eq. 9, CW)"), ("nrr_autoattack", "NRR (AA)"),
             ("minutes", "wall-clock min")]
+    cols += [(k, label) for k, label in (("pgd20_official", "PGD-20, official step"), ("cw_official", "CW, official step"))
+             if any(table_row(m)[k] is not None for m in results["rows"].values())]    # when evaluated
     first = table_row(next(iter(results["rows"].values())))
     aa_n = first["n_autoattack"]
     lines = [f"Test split: {first['n']} images" + (f" (AutoAttack and NRR (AA): the first {aa_n})" if aa_n else "")
@@ -1229,7 +1303,14 @@ def results_table(results):
         cells = ["-" if row[k] is None else f"{row[k]:.2f}" for k, _ in cols]
         if row["n_autoattack"] is not None and row["autoattack"] is not None:
             cells[4] += f" (n={row['n_autoattack']})"
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(name, is_ablation(results['rows']))} | " + " | ".join(cells) + " |")
+    if "paper_table7" in results:
+        lines += ["", "The CURE paper's Table 7 (ResNet-18, CIFAR-10, full width, 200 epochs; NRR against "
+                  "AutoAttack), for comparison:", "",
+                  "| row | Clean | PGD-20 | CW-inf | AutoAttack | NRR (AA) |", "|---|---|---|---|---|---|"]
+        for label, r in results["paper_table7"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{r[k]:.2f}" for k in
+                                                     ("clean", "pgd20", "cw", "autoattack", "nrr_autoattack")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1262,13 +1343,13 @@ def make_plots(out, rows, methods):
     fig, ax = plt.subplots(figsize=(5, 4))                       # Figure 5c: robust accuracy per epoch
     for m in methods:
         log = read_log(os.path.join(out, m, "log.jsonl"))
-        ax.plot([e["epoch"] for e in log], [e["val"]["pgd20"] for e in log], marker="o", label=m)
+        ax.plot([e["epoch"] for e in log], [e["val"]["pgd20"] for e in log], marker="o", label=row_label(m, is_ablation(rows)))
         if m == "cure":
             ax.plot([e["epoch"] for e in log if "val_revision" in e],
                     [e["val_revision"]["pgd20"] for e in log if "val_revision" in e],
                     marker="x", linestyle="--", label="cure (revision model)")
     ax.set(xlabel="epoch", ylabel="validation PGD-20 accuracy (%)", title="Robust accuracy per epoch")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save(fig, "robust_per_epoch.png")
 
@@ -1281,6 +1362,21 @@ def make_plots(out, rows, methods):
             ax.set_xticks(range(len(frac)), [n.replace(".weight", "") for n in frac], rotation=90, fontsize=7)
             ax.set(ylabel="entries updated per step (%)", title=f"CURE: updated weights per layer (epoch {log[-1]['epoch']})")
             save(fig, "cure_updated_fraction.png")
+
+    ablation = [n for n in ABLATION if n in rows]
+    if is_ablation(rows):                                                 # Table 7 as bars: what each part does
+        cols = [("clean", "clean"), ("pgd20", "PGD-20"), ("cw", "CW-inf"), ("nrr", "NRR (CW)")]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(ablation)
+        for j, name in enumerate(ablation):
+            row = table_row(rows[name])
+            ax.bar([i + j * width for i in range(len(cols))], [row[k] or 0.0 for k, _ in cols], width,
+                   label=ABLATION[name][0])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))], [c[1] for c in cols])
+        ax.set(ylabel="test accuracy (%)", title="CURE ablation (Table 7) at this run's scale")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        save(fig, "cure_ablation.png")
 
     rift_rows = {n: r for n, r in rows.items() if n.endswith("+rift") and "alphas" in r}
     if rift_rows:                                                # RiFT: accuracy vs interpolation factor

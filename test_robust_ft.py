@@ -334,6 +334,10 @@ def run_error(argv, capsys):
     (["cure", "synthetic", "--revision-decay", "1"], ["--revision-decay 1", "[0, 1)"]),
     (["eval", "synthetic", "--aa-size", "0"], ["--aa-size 0", "positive"]),
     (["at", "synthetic", "--amp", "fp16"], ["'fp16'", "none", "bf16"]),
+    (["cure", "synthetic", "--cure-variant", "authors"], ["--cure-variant", "'authors'", "paper", "official"]),
+    (["cure", "synthetic", "--percentile", "150"], ["--percentile 150", "[0, 100]"]),
+    (["cure", "synthetic", "--alpha", "nan"], ["--alpha nan", "[0, 1]"]),
+    (["compare", "synthetic", "--methods", "mart"], ["'mart'", "at", "trades", "cure"]),
 ])
 def test_bad_input_gives_a_one_line_error_and_exit_2(argv, words, capsys):
     err = run_error(argv, capsys)
@@ -636,6 +640,31 @@ def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path
     monkeypatch.setattr(rf, "finetune_module", no_training)
     again = run_cli(argv, capsys)
     assert again["table"] == first["table"]
+
+
+def test_compare_ablation_trains_the_six_cure_rows_from_one_natural_checkpoint(tmp_path, capsys):
+    out = tmp_path / "abl"
+    argv = ["compare", *FAST, "--natural-epochs", "1", "--epochs", "1", "--ablation", "--out", str(out)]
+    run_cli(argv, capsys)
+    results = json.loads((out / "results.json").read_text())
+    stages = ["cure_neither", "cure_rgp", "cure_revision", "cure", "cure_beta1", "cure_official"]
+    assert list(results["rows"]) == ["natural", *stages]
+    config = {s: json.loads((out / s / "config.json").read_text()) for s in stages}
+    expect = {"cure_neither": (0.0, 0.0, 5.0, "paper"), "cure_rgp": (None, 0.0, 5.0, "paper"),
+              "cure_revision": (0.0, None, 5.0, "paper"), "cure": (None, None, 5.0, "paper"),
+              "cure_beta1": (None, None, 1.0, "paper"), "cure_official": (None, None, 5.0, "official")}
+    for stage, (p, gamma, beta, variant) in expect.items():
+        c = config[stage]
+        assert (c["percentile"], c["gamma"], c["beta"], c["cure_variant"]) == (p, gamma, beta, variant), stage
+        assert c["init"] == str(out / "natural" / "checkpoint.pt") and c["weight_decay"] == 5e-3
+    log = lambda s: [json.loads(line) for line in (out / s / "log.jsonl").read_text().splitlines()]
+    assert set(log("cure_neither")[0]["updated_fraction"].values()) == {1.0}          # p 0: nothing masked
+    assert len(log("cure_official")[0]["updated_fraction"]) == 8                       # the conv1 tensors
+    table = (out / "results.md").read_text()
+    for label, _ in run.ABLATION.values():
+        assert f"| {label} |" in table
+    assert "Table 7" in table and "| 86.76 | 54.90 | 52.48 | 49.69 | 63.19 |" in table
+    assert (out / "cure_ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_plots_without_cw_use_the_worst_case(tmp_path):
@@ -1608,6 +1637,169 @@ def test_blind_cure_step_equals_algorithm_1_by_hand(monkeypatch):
     assert loss.item() == pytest.approx(total.item(), rel=1e-12)
     assert revision.updates == 0                                # rate 0: the revision did not move
     assert_state_equal(revision.model, rev_state)
+
+
+# --- 2b. CURE as the official code runs it (NeurAI-Lab/CURE, --reinit_mode rgp_soft) ----------------
+
+def numpy_official_mask(g, g_nat, g_kl, alpha, p):
+    """The official rgp_soft rule written with NumPy: s = a g_nat + b g_kl in float32 (signed),
+    zero g where s < np.percentile(s, p) (linear interpolation, taken in float64)."""
+    a, b = np.float32(alpha), np.float32(1.0 - alpha)
+    s = a * g_nat.astype(np.float32) + b * g_kl.astype(np.float32)
+    threshold = np.percentile(s.astype(np.float64), p)
+    return np.where(s.astype(np.float64) < threshold, 0.0, g).astype(g.dtype)
+
+
+def official_named_lists(seed, dtype=torch.float32):
+    """(name, tensor) lists in a ResNet's parameter order: the stem conv1 first (never masked), then
+    block tensors; signed gradients, with ties (rounded values) in one of them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [("conv1.weight", (4, 3, 3, 3)), ("bn1.weight", (4,)), ("layer1.0.conv1.weight", (4, 4, 3, 3)),
+              ("layer1.0.bn1.weight", (4,)), ("layer1.0.conv2.weight", (4, 4, 3, 3)),
+              ("layer2.0.conv1.weight", (7, 4, 3, 3)), ("layer2.0.shortcut.0.weight", (7, 4, 1, 1)),
+              ("linear.weight", (10, 7))]
+    lists = []
+    for _ in range(3):
+        lists.append([(n, torch.randn(shape, generator=g, dtype=dtype)) for n, shape in shapes])
+    for lst in lists[1:]:                                     # ties: scores on a coarse grid
+        lst[5] = (lst[5][0], (lst[5][1] * 2).round() / 2)
+    return lists
+
+
+@pytest.mark.parametrize("alpha, p", [(0.1, 30.0), (0.3, 50.0), (0.5, 33.3), (0.0, 0.0), (1.0, 100.0),
+                                      (0.1, 99.9), (0.25, 1.0)])
+def test_official_rgp_mask_matches_numpy_percentile_by_hand(alpha, p):
+    grads, nat, kl = official_named_lists(seed=int(10 * p + 100 * alpha))
+    expect = {n: t.numpy().copy() for n, t in grads}
+    for (n, t), (_, tn), (_, tk) in zip(grads, nat, kl):
+        if n in ("layer1.0.conv1.weight", "layer2.0.conv1.weight"):       # not the stem's conv1 (index 0)
+            expect[n] = numpy_official_mask(t.numpy(), tn.numpy(), tk.numpy(), alpha, p)
+    masked = rf.official_rgp_mask_(grads, nat, kl, alpha, p)
+    assert masked == ["layer1.0.conv1.weight", "layer2.0.conv1.weight"]
+    for n, t in grads:
+        np.testing.assert_array_equal(t.numpy(), expect[n], err_msg=n)
+    zeroed = int((dict(grads)["layer2.0.conv1.weight"] == 0).sum())
+    assert 0 < zeroed < 252 if 0 < p < 100 else True                  # the rule did mask something
+
+
+def test_official_rgp_mask_is_signed_and_keeps_ties_and_nan():
+    names = ["conv1.weight", "layer1.0.conv1.weight", "layer1.1.conv1.weight"]
+    g = [torch.ones(3, 1, 1, 1), torch.ones(5, 1, 1, 1), torch.ones(4, 1, 1, 1)]
+    nat = [torch.zeros(3, 1, 1, 1), torch.tensor([-3.0, -1.0, 0.0, 2.0, 2.0]).view(5, 1, 1, 1),
+           torch.tensor([1.0, float("nan"), -5.0, 0.0]).view(4, 1, 1, 1)]
+    kl = [torch.zeros_like(t) for t in nat]
+    rf.official_rgp_mask_(list(zip(names, g)), list(zip(names, nat)), list(zip(names, kl)), 1.0, 50.0)
+    # scores -3, -1, 0, 2, 2: the median is 0; -3 and -1 (large negative gradients) are the ones
+    # zeroed, which an absolute value would have kept
+    assert g[1].flatten().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert g[2].flatten().tolist() == [1.0] * 4           # a NaN score: the percentile is NaN, nothing masked
+    assert g[0].flatten().tolist() == [1.0] * 3           # the first parameter is never masked
+    with pytest.raises(ValueError, match="same tensors"):
+        rf.official_rgp_mask_(list(zip(names, g)), list(zip(names[::-1], nat)), list(zip(names, kl)), 0.1, 30.0)
+    with pytest.raises(ValueError, match="percentile=130"):
+        rf.official_rgp_mask_(list(zip(names, g)), list(zip(names, nat)), list(zip(names, kl)), 0.1, 130.0)
+
+
+def test_cure_config_defaults_are_the_official_beta_and_the_paper_variant():
+    cfg = rf.CureConfig()
+    assert cfg.beta == 5.0                          # official --trades_beta default, passed as CURE's beta
+    assert cfg.variant == "paper"
+    assert (cfg.percentile, cfg.alpha, cfg.gamma, cfg.rate, cfg.decay) == (30.0, 0.1, 1.0, 0.2, 0.999)   # Table 9
+    with pytest.raises(ValueError, match="'offical'.*'paper', 'official'"):
+        rf.CureConfig(variant="offical")
+    assert rf.cure_rate(rf.CureConfig(variant="official"), 0.9) == 0.2          # constant r
+    assert rf.cure_rate(rf.CureConfig(), 1.0) == pytest.approx(0.02)           # r_t down to r/10
+
+
+def test_blind_official_cure_step_equals_the_official_code_by_hand(monkeypatch):
+    model = blind_model(seed=6).train()
+    x, x_adv, y = double_batch(seed=6)
+    monkeypatch.setattr(rf, "pgd", lambda *a, **k: x_adv.clone())
+    beta, gamma, alpha, pct, lr, decay, step = 5.0, 0.7, 0.2, 40.0, 0.1, 0.9, 3
+    cfg = rf.CureConfig(percentile=pct, alpha=alpha, gamma=gamma, beta=beta, rate=1.0, variant="official")
+    revision = rf.cure_revision(model, cfg)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():                                       # a revision model unlike the model
+        for p in revision.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    rev, ref = copy.deepcopy(revision.model), copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    updated = {}
+    loss = rf.cure_step(model, opt, x, y, revision, cfg, decay=decay, rate=1.0, step=step,
+                        generator=torch.Generator().manual_seed(0), steps=2, updated=updated)
+
+    # The official step by hand: the revision model's targets in TRAIN mode (batch statistics,
+    # and its own BatchNorm statistics move), the gradient of the KL term for the score ...
+    assert rev.training
+    z, z_adv = ref(x), ref(x_adv)
+    with torch.no_grad():
+        r, r_adv = rev(x), rev(x_adv)
+    lp, lpa, lr_nat, lr_adv = map(hand_log_softmax, (z, z_adv, r, r_adv))
+    ce_nat, kl = hand_ce(lp, y), hand_kl(lp, lpa)
+    total = ce_nat + beta * kl + gamma * (hand_kl(lr_nat, lp) + hand_kl(lr_adv, lpa))
+    names, params = zip(*ref.named_parameters())
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    g_kl = torch.autograd.grad(kl, params, retain_graph=True)
+    g_all = torch.autograd.grad(total, params)
+    # ... the signed percentile mask on the block conv1 weights only, then plain SGD
+    after = dict(model.named_parameters())
+    expect_updated = {}
+    for i, (name, p0, gi, gn, gk) in enumerate(zip(names, params, g_all, g_nat, g_kl)):
+        gi = gi.numpy()
+        if i > 0 and "conv1" in name:
+            gi = numpy_official_mask(gi, gn.numpy(), gk.numpy(), alpha, pct)
+            expect_updated[name] = int((gi != 0).sum())
+        np.testing.assert_allclose(after[name].detach().numpy(), p0.detach().numpy() - lr * gi,
+                                   rtol=1e-10, atol=1e-14, err_msg=name)
+    assert sorted(expect_updated) == [f"layer{a}.{b}.conv1.weight" for a in (1, 2, 3, 4) for b in (0, 1)]
+    assert {k: int(v) for k, v in updated.items()} == expect_updated
+    assert loss.item() == pytest.approx(total.item(), rel=1e-12)
+    # ... and the revision (rate 1: always) averaged its parameters only; its buffers are its own
+    d = min(decay, 1 - 1 / (step + 1))
+    for name, v in revision.model.named_parameters():
+        expect = d * dict(rev.named_parameters())[name] + (1 - d) * after[name].detach()
+        assert torch.allclose(v, expect, rtol=1e-12, atol=1e-15), name
+    for name, v in revision.model.named_buffers():
+        assert torch.equal(v, dict(rev.named_buffers())[name]), name
+    assert revision.updates == 1
+
+
+def test_cure_variant_official_runs_end_to_end_and_logs_only_conv1(tmp_path, capsys, natural_ckpt):
+    out = tmp_path / "official"
+    metrics = run_cli(["cure", *FAST, "--epochs", "1", "--init", natural_ckpt, "--cure-variant", "official",
+                       "--out", str(out)], capsys)
+    config = json.loads((out / "config.json").read_text())
+    assert config["beta"] == 5.0 and config["cure_variant"] == "official"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    fraction = log[0]["updated_fraction"]
+    assert sorted(fraction) == [f"layer{a}.{b}.conv1.weight" for a in (1, 2, 3, 4) for b in (0, 1)]
+    assert all(0.5 < v < 0.8 for v in fraction.values())          # about 70% updated (p 30, ties aside)
+    assert metrics["mask_path"] == "official (plain)"
+    assert {"clean", "pgd10"} <= set(metrics["test_revision"])
+
+
+def test_official_evaluation_attacks_use_step_0_003_whatever_eps(monkeypatch):
+    model, x, y = tiny_model(), *tiny_batch(4)
+    seen = []
+    real_pgd = rf.pgd
+
+    def spy(model, x, y, eps, step_size=2 / 255, steps=10, loss="ce", **k):
+        seen.append((eps, step_size, steps, loss))
+        return real_pgd(model, x, y, eps, step_size, steps, loss, **k)
+
+    monkeypatch.setattr(rf, "pgd", spy)
+    split = rf.Split(x.mul(255).to(torch.uint8), y)
+    result = rf.evaluate(model, split, ["pgd20", "pgd20_official", "cw_official"], eps=4 / 255)
+    assert seen == [(4 / 255, 2 / 255, 20, "ce"), (4 / 255, 0.003, 20, "ce"), (4 / 255, 0.003, 20, "cw")]
+    assert {"pgd20_official", "cw_official"} <= set(result)
+
+
+def test_cli_beta_defaults_cure_5_trades_6_and_given_values_kept():
+    resolved = lambda *a: run.resolve(run.parse_args(list(a)))
+    assert resolved("cure", "synthetic").beta == 5.0
+    assert resolved("cure", "synthetic", "--beta", "1").beta == 1.0
+    assert resolved("trades", "synthetic").beta == 6.0
+    assert resolved("cure", "synthetic").cure_variant == "paper"
 
 
 # --- 3. Resume of a CURE run through the command line ------------------------------------------------
