@@ -13,7 +13,7 @@ with one thread block in 16 passes of 2-bit digits. Here every masked tensor of 
 Six launches per call however many tensors there are, no sort, no host synchronisation. Each pass
 recomputes the score from g_nat and g_adv (no scratch buffer), histograms one 8-bit digit of its
 int32 order key per tensor (a segmented MSD radix select), and the last pass zeroes the gradient.
-The result is bit-identical to `robust_ft.rgp_mask_` (methods.md, CURE steps 4-5).
+The result is bit-identical to `robust_ft.rgp_mask_` (CURE Eq. 6 and Algorithm 1, line 20).
 
 Traffic model (estimates from the design, NOT measurements)
 -----------------------------------------------------------
@@ -63,7 +63,8 @@ except ImportError:  # the dispatcher then always takes the plain path and no ke
     _jit = lambda fn: fn  # noqa: E731
 
 # Elements one program covers (CHUNK_SIZE) and handles per loop step (BLOCK_SIZE). A chunk never
-# spans two tensors, so small tensors get one masked program each. Untuned: no GPU was available.
+# spans two tensors, so small tensors get one masked program each. Chosen from the traffic model
+# below, not tuned on a GPU.
 BLOCK_SIZE = 2048
 CHUNK_SIZE = 16384
 # The select uses 8-bit digits: 4 passes over a 32-bit key, 256 bins (tl.histogram lowers to one
@@ -145,23 +146,23 @@ def _rgp_score_key(seg_ptr, seg, offs, mask, a, b):
 def _rgp_descend(hist_ptr, seg, num_segs, k, DEPTH: tl.constexpr):
     """Follow ascending rank k down the first DEPTH digit histograms of segment `seg`.
 
-    Returns (prefix, rank): the top DEPTH digits of the rank-k key and the rank it still has among
-    the keys sharing that prefix. With DEPTH = 4 the prefix is the threshold t of spec step 5.
+    Returns (prefix, k_left): the top DEPTH digits of the rank-k key, and k_left, the rank that key
+    still has among the keys sharing that prefix. With DEPTH = 4 the prefix is the threshold t of `robust_ft.rgp_mask_`.
     Every program recomputes this from the (L2-resident) histograms instead of a separate select
     kernel, which is what keeps the launch count constant.
     """
     bins = tl.arange(0, 256)
     prefix = tl.full([], 0, tl.int32)
-    rank = k
+    k_left = k
     for d in tl.static_range(DEPTH):
         h = tl.load(hist_ptr + (d * num_segs + seg) * 256 + bins)  # (256,) int32 counts
-        # the digit is the first bin whose inclusive count exceeds the rank; the clamp only matters
+        # the digit is the first bin whose inclusive count exceeds k_left; the clamp only matters
         # for k = n segments, whose histograms stay empty and whose threshold is never used
-        digit = tl.minimum(tl.sum((tl.cumsum(h, 0) <= rank).to(tl.int32), 0), 255)
-        rank = rank - tl.sum(tl.where(bins < digit, h, 0), 0)
+        digit = tl.minimum(tl.sum((tl.cumsum(h, 0) <= k_left).to(tl.int32), 0), 255)
+        k_left = k_left - tl.sum(tl.where(bins < digit, h, 0), 0)
         # keys are non-negative, so for k < n the top digit is < 128 and the shift cannot overflow
         prefix = (prefix << 8) | digit
-    return prefix, rank
+    return prefix, k_left
 
 
 @_jit
@@ -177,13 +178,14 @@ def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     start = tl.load(chunk_ptr + 2 * pid + 1)
     n = tl.load(seg_ptr + seg * 8)
     k = tl.load(seg_ptr + seg * 8 + 1)
-    prefix, rank = _rgp_descend(hist_ptr, seg, num_segs, k, PASS)
+    prefix, k_left = _rgp_descend(hist_ptr, seg, num_segs, k, PASS)
     # a k = n segment is zeroed whole by the mask pass and needs no threshold: read nothing
     end = tl.where(k < n, tl.minimum(start + CHUNK, n), start)
     acc = tl.zeros([256], dtype=tl.int32)
     unselected = tl.zeros([], dtype=tl.int32)
-    # a fixed trip count (the lanes past `end` are masked): older interpreters cannot take a
-    # tensor-valued range() under NumPy 2, and the compiled loop needs no bound from memory
+    # a fixed trip count (the lanes past `end` are masked): the interpreters of triton 3.2 and
+    # older cannot take a tensor-valued range() under NumPy 2, and the compiled loop needs no bound
+    # from memory
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
         inb = offs < end
@@ -209,7 +211,7 @@ def _rgp_mask_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
                      num_segs,    # S, number of segments
                      a, b,        # float32(alpha), float32(1 - alpha)
                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Spec step 5: zero g where key < t (strict, ties kept); zero all of g when k = n."""
+    """The rule of `robust_ft.rgp_mask_`: zero g where key < t (strict, ties kept); zero all of g when k = n."""
     pid = tl.program_id(0)
     seg = tl.load(chunk_ptr + 2 * pid)
     start = tl.load(chunk_ptr + 2 * pid + 1)
@@ -248,7 +250,7 @@ def _rgp_tables(segments, percentile, device):
     rows = []
     for g, g_nat, g_adv in segments:
         n = g.numel()
-        rows.append((n, robust_ft.rgp_rank(n, percentile), g.data_ptr(), g_nat.data_ptr(),
+        rows.append((n, robust_ft.rgp_k(n, percentile), g.data_ptr(), g_nat.data_ptr(),
                      g_adv.data_ptr(), _DTYPE_CODES[g.dtype], _DTYPE_CODES[g_nat.dtype],
                      _DTYPE_CODES[g_adv.dtype]))
     key = (str(device), CHUNK_SIZE, tuple(rows))
@@ -283,7 +285,7 @@ def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
     a, b = robust_ft.rgp_coefficients(alpha)
     segments, copy_back = [], []
     for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
-        if robust_ft.rgp_rank(g.numel(), percentile) == 0:
+        if robust_ft.rgp_k(g.numel(), percentile) == 0:
             continue
         if g.stride() == g_nat.stride() == g_adv.stride() and dense_layout(g):
             segments.append((g, g_nat, g_adv))          # the usual case: no copy
@@ -489,7 +491,7 @@ def numpy_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
     """The official CURE structure: per tensor the score to the host, `np.percentile`, mask back.
 
     For comparison only: np.percentile interpolates between ranks, so this mask can differ from
-    the spec's rank-k rule in a few entries per tensor.
+    the exact rank-k rule of `robust_ft.rgp_mask_` in a few entries per tensor.
     """
     for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
         score = robust_ft.rgp_score(g_nat, g_adv, alpha).cpu().numpy()   # host sync per tensor
@@ -547,7 +549,7 @@ def bench_mask(shapes_by_model, percentile=30.0, alpha=0.1, warmup=1, reps=3, de
     """`bench_mask_row` on random gradients of the masked tensors' shapes of each model.
 
     shapes_by_model: {"resnet18": [(64, 3, 3, 3), ...], ...}, the shapes of the masked tensors.
-    percentile, alpha: CURE's ResNet-18 CIFAR-10 setting (methods.md, Table 9 row 1).
+    percentile, alpha: CURE's ResNet-18 CIFAR-10 setting (CURE, Table 9, row 1).
     peak_bytes_per_s: HBM bandwidth for the fraction of peak (H100 SXM: 3.35 TB/s).
     Returns {"device": name, "peak_bytes_per_s": ..., "models": {name: row}}, JSON-serialisable.
     """

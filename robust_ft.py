@@ -1,20 +1,28 @@
 """Robust training and robust fine-tuning for CIFAR-sized images, in one readable module.
 
-Reading order:
-  1. Models      ResNet-18, PreAct ResNet-18, WRN-34-10 (CIFAR variants, inputs in [0, 1])
-  2. Data        CIFAR-10/100, SVHN, ImageFolder roots and a synthetic set, kept on the device
-  3. Attacks     one PGD routine with CE, CW-margin and TRADES-KL objectives
-  4. Losses      natural training, Madry AT, TRADES, the SGD schedule and the epoch loop
-  5. CURE        RGP update mask (Eq. 6), revision model (Eq. 7), consistency loss (Eq. 8)
-  6. RiFT        module robust criticality, module fine-tuning, weight interpolation
-  7. Evaluation  clean / PGD / CW / AutoAttack accuracy, NRR (Eq. 9), checkpoints
-  8. Data parallel  N processes (torchrun) that compute what one process computes
+Reading order: the methods first, in the order a reader learns them (each builds on the one
+before: the attack serves every method, CURE extends TRADES, RiFT starts from their models), then
+what they run on, then an appendix of support code that the methods call but a reader can skip.
+  1. Attacks      one PGD routine with CE, CW-margin and TRADES-KL objectives
+  2. Training     natural training, Madry AT, TRADES, the SGD schedule and the epoch loop
+  3. CURE         RGP update mask (Eq. 6), revision model (Eq. 7), consistency loss (Eq. 8), the step;
+                  the official code's variant of the mask
+  4. RiFT         module robust criticality, module fine-tuning, weight interpolation, OOD accuracy
+  5. Evaluation   clean / PGD / CW / AutoAttack accuracy, NRR (Eq. 9)
+  6. Models       ResNet-18, PreAct ResNet-18, WRN-34-10 (CIFAR variants, inputs in [0, 1])
+  7. Data         CIFAR-10/100, SVHN, ImageFolder roots and a synthetic set, kept on the device
+  Appendix (not needed to follow the methods):
+  A. Checkpoints and RNG state   atomic writes, exact resume
+  B. Data parallel               the collectives N processes (torchrun) use to compute what one computes
+  C. AutoAttack                  adapters for the official package and pyautoattack
+  D. CIFAR-10-C                  the corruption generators and the .npy loader
+  E. RobustBench                 models from its zoo, for RiFT and evaluation
 
 Equation numbers refer to the CURE paper (Conserve-Update-Revise, "CURE"); RiFT refers to
 "Improving Generalization of Adversarial Training via Robust Critical Fine-Tuning" (ICCV 2023).
 Every function takes explicit arguments; nothing here reads a global or parses a command line
 (`run.py` does that). The device always comes from the inputs. The one shared state is
-torch.distributed's default process group, used by section 8's collectives only when a function
+torch.distributed's default process group, used by appendix B's collectives only when a function
 is given world_size > 1 (torchrun and `run.py` set the group up).
 """
 import contextlib
@@ -38,7 +46,971 @@ import torch.nn.functional as F
 
 
 # =============================================================================
-# 1. Models (CIFAR variants: 3x3 stem, no max-pool; inputs in [0, 1], normalised inside)
+# 1. Attacks: one PGD routine (Madry et al. 2018) for training, evaluation, TRADES, CURE and RiFT
+# =============================================================================
+
+ATTACK_LOSSES = ("ce", "cw", "kl")
+
+
+def cw_margin(logits, y):
+    """CW margin per example: max_{j != y} z_j - z_y (positive = misclassified)."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.max(dim=1).values - z_y
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The block runs with `model` in eval mode (BatchNorm on its running statistics); the mode it
+    had is restored afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random_start=True, generator=None):
+    """L-inf PGD: x^{t+1} = clip_[0,1](Proj_eps(x^t + step * sign(grad_x L(x^t)))).
+
+    loss: "ce" cross-entropy, "cw" margin max_{j != y} z_j - z_y, "kl" the TRADES inner
+    maximisation KL(p(x) || p(x')) started at x + 0.001 * N(0, 1) (Eq. 4). The model is put in
+    eval mode (BatchNorm uses running statistics) and restored; parameters get no gradient.
+    The random start comes from `generator` (on x's device), or from torch's global generator.
+    """
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {list(ATTACK_LOSSES)}")
+    if eps < 0:
+        raise ValueError(f"eps={eps!r} must be >= 0")
+    with eval_mode(model), torch.enable_grad():
+        if loss == "kl":
+            with torch.no_grad():
+                p_nat = F.softmax(model(x), dim=1)
+            x_adv = x + 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        elif random_start:
+            x_adv = x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+        else:
+            x_adv = x.clone()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            logits = model(x_adv)
+            if loss == "ce":
+                objective = F.cross_entropy(logits, y, reduction="sum")
+            elif loss == "cw":
+                objective = cw_margin(logits, y).sum()
+            else:
+                objective = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum")
+            grad, = torch.autograd.grad(objective, [x_adv])   # never touches parameter .grad
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    return x_adv.detach()
+
+
+# =============================================================================
+# 2. Adversarial training: natural, Madry AT, TRADES; SGD with the papers' step schedule
+# =============================================================================
+
+def trades_loss(logits_nat, logits_adv, y, beta=6.0):
+    """TRADES: CE(f(x), y) + beta * (1/B) * sum_i KL(p(x_i) || p(x_adv_i))  (Zhang et al. 2019)."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits_nat, y) + beta * kl
+
+
+def sgd_update(model, optimizer, loss, average=None):
+    """Backward `loss`, then one optimiser step. `average` (data parallel, see appendix B) is called
+    on the gradients first, and replaces them by their mean over the ranks."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if average is not None:
+        average([p.grad for p in model.parameters() if p.grad is not None])
+    optimizer.step()
+    return loss.detach()
+
+
+def natural_step(model, optimizer, x, y, average=None):
+    """One SGD step on CE(f(x), y). Returns the detached loss (no host sync)."""
+    return sgd_update(model, optimizer, F.cross_entropy(model(x), y), average)
+
+
+def at_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, average=None):
+    """Madry AT: one SGD step on CE(f(x_adv), y), x_adv = PGD-`steps` on CE."""
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="ce")
+    return natural_step(model, optimizer, x_adv, y, average)
+
+
+def trades_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, beta=6.0, average=None):
+    """TRADES: one SGD step on `trades_loss`, x_adv from the KL inner maximisation."""
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")
+    return sgd_update(model, optimizer, trades_loss(model(x), model(x_adv), y, beta), average)
+
+
+def make_optimizer(model, lr, weight_decay, momentum=0.9):
+    """SGD with momentum 0.9 on every trainable parameter (weight decay on all, as the papers)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                           momentum=momentum, weight_decay=weight_decay)
+
+
+def step_lr(base_lr, epoch, epochs, milestones=(0.5, 0.75)):
+    """Piecewise-constant schedule: lr / 10 after each milestone (fractions of the run).
+
+    (0.5, 0.75) of 200 epochs is epochs 100 and 150, the official CURE and Rice et al. schedule.
+    """
+    return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
+
+
+def train_epoch(model, optimizer, train_step, split, batch_size, lr, generator, progress=None, rank=0,
+                world_size=1):
+    """Run `train_step(model, optimizer, x, y)` over one shuffled, augmented epoch in train mode at
+    learning rate `lr`. Returns the mean loss (see `run_epoch`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    return run_epoch(model, optimizer, train_step, split, batch_size, generator, progress, rank, world_size)
+
+
+def run_epoch(model, optimizer, train_step, split, batch_size, generator, progress=None, rank=0, world_size=1):
+    """`train_step(model, optimizer, x, y)` on every shuffled, augmented batch of one epoch, the model in
+    whatever mode it is; `progress(i, n)` after each. Returns the mean loss.
+
+    Data parallel: this rank's slice of each global batch (see `batches`); the loss is the mean
+    over the ranks too (one all-reduce per epoch).
+    """
+    total, count = None, 0
+    n_batches = max(1, len(split) // batch_size)
+    for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True, rank=rank, world_size=world_size)):
+        loss = train_step(model, optimizer, x, y)
+        total = loss if total is None else total + loss   # summed on the device: no sync per step
+        count += 1
+        if progress is not None:
+            progress(i + 1, n_batches)
+    if total is None:
+        return float("nan")
+    return float(mean_over_ranks(total, world_size)) / count
+
+
+# =============================================================================
+# 3. CURE: the RGP update mask (Eq. 6, Alg. 1 line 20), the revision model (Eq. 7), L_CR (Eq. 8)
+# =============================================================================
+
+def check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile):
+    """Validate the arguments of `rgp_mask_` (shared with `kernels.fused_rgp_mask_`)."""
+    if not (len(grads) == len(grads_nat) == len(grads_adv)):
+        raise ValueError(f"grads, grads_nat and grads_adv must have the same length, "
+                         f"got {len(grads)}, {len(grads_nat)}, {len(grads_adv)}")
+    for i, (g, gn, ga) in enumerate(zip(grads, grads_nat, grads_adv)):
+        if not (g.shape == gn.shape == ga.shape):
+            raise ValueError(f"tensor {i}: shapes differ: grads {tuple(g.shape)}, "
+                             f"grads_nat {tuple(gn.shape)}, grads_adv {tuple(ga.shape)}")
+    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
+        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
+    if not (0.0 <= percentile <= 100.0):
+        raise ValueError(f"percentile={percentile!r} is outside the allowed range [0, 100]")
+
+
+def rgp_k(n, percentile):
+    """k = floor(p * n / 100): how many entries of an n-element tensor the rule masks (`rgp_mask_`)."""
+    return math.floor(percentile * n / 100)
+
+
+def rgp_coefficients(alpha):
+    """(a, b) = (float32(alpha), float32(1 - alpha)), the subtraction done in double, as Python does."""
+    a = float(torch.tensor(alpha, dtype=torch.float32))
+    b = float(torch.tensor(1.0 - alpha, dtype=torch.float32))
+    return a, b
+
+
+def rgp_score(g_nat, g_adv, alpha):
+    """Eq. 6 per element: s = a * |g_nat| + b * |g_adv| in float32, each op rounded (no FMA)."""
+    a, b = rgp_coefficients(alpha)
+    return g_nat.float().abs().mul_(a).add_(g_adv.float().abs().mul_(b))
+
+
+def score_key(score):
+    """int32 order key of a non-negative float32 score; NaN maps above +inf (so it is never masked)."""
+    key = score.view(torch.int32)
+    return torch.where(torch.isnan(score), torch.full_like(key, 0x7FFFFFFF), key)
+
+
+@torch.no_grad()
+def rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
+    """RGP update mask (Eq. 6, Alg. 1 line 20): zero grads[i] where score < its rank-k score.
+
+    Per tensor with n elements: k = floor(p * n / 100); k = 0 masks nothing, k = n masks all;
+    otherwise t = the (k+1)-th smallest score (NaN largest) and every entry with score < t is
+    zeroed (strict: ties at t are kept). In place, no host synchronisation per tensor.
+    """
+    check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
+    for g, gn, ga in zip(grads, grads_nat, grads_adv):
+        n = g.numel()
+        k = rgp_k(n, percentile)
+        if k == 0:
+            continue
+        if k == n:
+            g.zero_()
+            continue
+        key = score_key(rgp_score(gn, ga, alpha)).flatten()
+        threshold = key.kthvalue(k + 1).values        # 0-d device tensor: no .item(), no sync
+        g.masked_fill_((key < threshold).view(g.shape), 0)
+
+
+def consistency_loss(logits, logits_rev):
+    """KL(p_rev || p), batch mean; Eq. 8 is its sum over the natural and the adversarial batch."""
+    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(logits_rev, dim=1), reduction="batchmean")
+
+
+CURE_VARIANTS = ("paper", "official")
+
+
+@dataclass(frozen=True)
+class CureConfig:
+    """CURE hyperparameters; defaults are Table 9 for ResNet-18 on CIFAR-10, beta the official code's."""
+    percentile: float = 30.0   # p: share of each weight tensor's entries kept frozen per step (Table 9)
+    alpha: float = 0.1         # weight of the natural gradient in the RGP score, Eq. 6 (Table 9)
+    gamma: float = 1.0         # weight of the consistency loss L_CR, Eq. 8 (Table 9)
+    # Weight of the KL term in L_adv (Eq. 5). Eq. 5 as printed has weight 1; every official run used
+    # 5: NeurAI-Lab/CURE `utilities/args.py` argument trades_beta (default 5), passed as
+    # cure_loss_dual's beta by `utilities/train.py` on every path. With weight 1, CURE keeps more
+    # clean accuracy but loses much of the robustness (the README's ablation).
+    beta: float = 5.0
+    rate: float = 0.2          # revision rate r at the start, decayed linearly to r/10 (Table 9, Sec. 4)
+    decay: float = 0.999       # revision decay d for a 200-epoch run (Table 9); see `revision_decay`
+    exclude: tuple = ()        # masked-tensor names to leave unmasked (e.g. the classifier)
+    # "paper": Eq. 6's score and the exact rank-k rule on every weight, eval-mode revision model with
+    # r_t decaying. "official": the official code's rgp_soft mask (`official_rgp_mask_`) and its
+    # train-mode, parameters-only revision model at the constant rate r.
+    variant: str = "paper"
+
+    def __post_init__(self):
+        if self.variant not in CURE_VARIANTS:
+            raise ValueError(f"unknown CURE variant {self.variant!r}; choose one of {list(CURE_VARIANTS)}")
+
+
+CURE_DEFAULTS = {  # (model, dataset) -> (percentile, alpha, gamma), Table 9
+    ("resnet18", "cifar10"): (30, 0.1, 1.0),
+    ("resnet18", "cifar100"): (30, 0.1, 1.0),
+    ("resnet18", "svhn"): (30, 0.2, 1.0),
+    ("wrn34_10", "cifar10"): (50, 0.3, 0.5),
+    ("wrn34_10", "cifar100"): (50, 0.3, 0.5),
+    ("preact_resnet18", "cifar10"): (20, 0.2, 1.0),
+}
+
+
+def cure_defaults(model_name, dataset):
+    """Table 9's CureConfig for (model, dataset); datasets it does not list use CIFAR-10's row."""
+    key = (model_name, dataset if (model_name, dataset) in CURE_DEFAULTS else "cifar10")
+    p, a, g = CURE_DEFAULTS.get(key, CURE_DEFAULTS[("resnet18", "cifar10")])
+    return CureConfig(percentile=p, alpha=a, gamma=g)
+
+
+PAPER_STEPS = 200 * 391   # 200 epochs x 391 batches of 128 CIFAR images: the paper's CURE run
+
+
+def expected_revisions(rate, total_steps):
+    """Expected number of revision updates when r_t falls linearly from r to r/10: 0.55 * r * S."""
+    return 0.55 * rate * total_steps
+
+
+def revision_decay(decay, rate, total_steps):
+    """The decay d actually used: keep the horizon 1/(1 - d) at the paper's share of the updates.
+
+    The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
+    epochs. A short run makes far fewer revisions, so its horizon shrinks in proportion:
+    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, 1 - 1/H) (never larger than d, H >= 1).
+    """
+    share = (1.0 / (1.0 - decay)) / expected_revisions(rate, PAPER_STEPS)
+    horizon = max(1.0, share * expected_revisions(rate, total_steps))
+    return min(decay, 1.0 - 1.0 / horizon)
+
+
+class Revision:
+    """The revision model of Eq. 7: a stochastic momentum (EMA) copy of the training model.
+
+    train_mode=False (the paper's reading): the copy gives its targets in eval mode, and its
+    parameters and floating-point buffers are averaged. train_mode=True (the official code,
+    `utilities/train.py`): the copy stays in train mode, so its targets use the batch's statistics
+    and its forwards update its own BatchNorm statistics, and only its parameters are averaged.
+    """
+
+    def __init__(self, model, train_mode=False):
+        self.model = copy.deepcopy(model).train(train_mode)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.train_mode = train_mode
+        self.updates = 0
+
+    @torch.no_grad()
+    def targets(self, x, x_adv):
+        """(logits_rev(x), logits_rev(x_adv)), without gradient, in the copy's own mode."""
+        return self.model(x), self.model(x_adv)
+
+    @torch.no_grad()
+    def update_(self, model, decay, t):
+        """theta_rev <- d_t * theta_rev + (1 - d_t) * theta, d_t = min(d, 1 - 1/(t + 1)) (Eq. 7).
+
+        The min() is the mean-teacher warm-up: early updates move the copy quickly, so it does not
+        sit at its initial weights. In eval mode floating-point buffers (BatchNorm statistics) are
+        averaged too and integer buffers copied; in train mode the buffers are the copy's own.
+        """
+        d = min(decay, 1.0 - 1.0 / (t + 1))
+        if self.train_mode:
+            rev = [p for p in self.model.parameters()]
+            cur = [p.detach() for p in model.parameters()]
+        else:
+            rev_state, cur_state = self.model.state_dict(), model.state_dict()
+            floats = [k for k, v in rev_state.items() if v.is_floating_point()]
+            rev, cur = [rev_state[k] for k in floats], [cur_state[k] for k in floats]
+            for k, v in rev_state.items():
+                if not v.is_floating_point():
+                    v.copy_(cur_state[k])
+        torch._foreach_mul_(rev, d)
+        torch._foreach_add_(rev, cur, alpha=1.0 - d)
+        self.updates += 1
+
+    def maybe_update_(self, model, decay, rate, t, generator):
+        """With probability `rate` apply Eq. 7 at training step t (the draw is on the host: no device sync)."""
+        if torch.rand((), generator=generator).item() < rate:
+            self.update_(model, decay, t)
+
+
+def revision_rate(rate, progress):
+    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1)."""
+    return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
+
+
+def cure_rate(cfg, progress):
+    """The revision probability at `progress` (0 to 1) of the run: r_t for the paper variant; the
+    official code's constant r (its ema_dynamic option, off by default, is not reproduced)."""
+    return cfg.rate if cfg.variant == "official" else revision_rate(cfg.rate, progress)
+
+
+def cure_revision(model, cfg):
+    """A fresh revision model for `cfg.variant` (the official one stays in train mode)."""
+    return Revision(model, train_mode=cfg.variant == "official")
+
+
+@dataclass
+class CureSchedule:
+    """Where a CURE run is: its step counter t, its length S and the revision decay d it uses.
+
+    The one place that holds the schedule: r_t (`rate`) and the mean-teacher warm-up both read t,
+    and `cure_step` advances it. A checkpoint saves `t`; the rest follows from the run's settings.
+    """
+    total_steps: int          # S, the CURE steps of the run: r_t reaches r/10 at the last one
+    decay: float              # the d actually used, `revision_decay(cfg.decay, cfg.rate, S)`
+    t: int = 0                # steps taken so far
+
+    @classmethod
+    def for_run(cls, cfg, total_steps):
+        """The schedule of a run of `total_steps` CURE steps with cfg's r and d."""
+        return cls(total_steps, revision_decay(cfg.decay, cfg.rate, total_steps))
+
+    def rate(self, cfg):
+        """r_t now (`cure_rate`: decaying for the paper variant, constant for the official one)."""
+        return cure_rate(cfg, self.t / max(1, self.total_steps))
+
+
+def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
+    """The three gradients of one CURE step from one forward graph, with three backward passes.
+
+    Returns (g, g_nat, g_score, L) per trainable parameter: g = dL/dtheta with
+    L = CE(f(x), y) + beta KL(p(x) || p(x_adv)) + gamma L_CR (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta,
+    and the second gradient of the mask's score: g_adv = dCE(f(x_adv), y)/dtheta (Eq. 6, paper
+    variant) or g_kl = dKL(p(x) || p(x_adv))/dtheta (official variant). L is CE(f(x), y) plus the
+    rest, so g = g_nat + d(rest)/dtheta (paper) or g_nat + beta g_kl + gamma dL_CR/dtheta (official):
+    no fourth pass for L itself.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_nat, logits_adv = model(x), model(x_adv)
+    ce_nat = F.cross_entropy(logits_nat, y)
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    if cfg.variant == "official":
+        g_kl = torch.autograd.grad(kl, params, retain_graph=True)
+        g_cr = torch.autograd.grad(cfg.gamma * l_cr, params)
+        g = torch._foreach_add(torch._foreach_add(g_nat, g_kl, alpha=cfg.beta), g_cr)
+        return g, g_nat, g_kl, (ce_nat + cfg.beta * kl + cfg.gamma * l_cr).detach()
+    rest = cfg.beta * kl + cfg.gamma * l_cr
+    g_adv = torch.autograd.grad(F.cross_entropy(logits_adv, y), params, retain_graph=True)
+    g_rest = torch.autograd.grad(rest, params)
+    return torch._foreach_add(g_nat, g_rest), g_nat, g_adv, (ce_nat + rest).detach()
+
+
+def cure_masked(model, cfg):
+    """(name, index into the trainable parameters) of the tensors cfg's mask applies to: every
+    weight with ndim >= 2 outside cfg.exclude (paper), or `official_masked_names` (official)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.variant == "official":
+        position = {n: i for i, (n, _) in enumerate(named)}
+        return [(n, position[n]) for n in official_masked_names([n for n, _ in named])]
+    index = {id(p): i for i, (_, p) in enumerate(named)}
+    return [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
+
+
+def cure_mask_(model, g, g_nat, g_score, cfg, mask_fn=None, updated=None, average=None):
+    """The RGP mask (Eq. 6, Alg. 1 line 20) on g, in place: `mask_fn` (default `rgp_mask_`, or the
+    fused kernels) for the paper variant, `official_rgp_mask_` for the official one.
+
+    Data parallel: `average` first replaces g, and g_nat and g_score of the masked tensors, by
+    their means over the ranks (3x the plain volume), so every rank computes the same mask. If
+    `updated` (a dict) is given, each masked tensor's count of updated entries is added to it
+    on the device (Figure 6b).
+    """
+    sel = cure_masked(model, cfg)
+    if average is not None:
+        average([*g, *(g_nat[i] for _, i in sel), *(g_score[i] for _, i in sel)])
+    if cfg.variant == "official":
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        official_rgp_mask_(list(zip(names, g)), list(zip(names, g_nat)), list(zip(names, g_score)),
+                           cfg.alpha, cfg.percentile)
+    else:
+        (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel],
+                               [g_score[i] for _, i in sel], cfg.alpha, cfg.percentile)
+    if updated is not None:
+        with torch.no_grad():
+            for name, i in sel:
+                updated[name] = updated.get(name, 0) + (g[i] != 0).sum()
+
+
+def cure_update_(model, optimizer, g, revision, cfg, schedule, generator):
+    """One optimiser step on the masked g, then the revision (Eq. 7) with probability r_t at
+    step t; advances `schedule` by one step. `generator` draws the revision coin (on data
+    parallel ranks it must be seeded alike, so every rank revises together)."""
+    for p, gi in zip([p for p in model.parameters() if p.requires_grad], g):
+        p.grad = gi
+    optimizer.step()
+    revision.maybe_update_(model, schedule.decay, schedule.rate(cfg), schedule.t, generator)
+    schedule.t += 1
+
+
+def cure_step(model, optimizer, x, y, revision, cfg, schedule, generator,
+              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None, average=None):
+    """One CURE step (Algorithm 1): attack, gradients, RGP mask, update and revision.
+
+    x_adv from the KL inner maximisation (Eq. 4, `steps` of `step_size` in the `eps` ball); the
+    revision model's targets; g, g_nat and the score's second gradient (`cure_gradients`); the
+    mask (`cure_mask_`, with `mask_fn`, `updated` and `average` as there); SGD and Eq. 7
+    (`cure_update_`, which advances `schedule`). Returns the detached loss L (no host sync).
+    """
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                         # Eq. 4
+    rev_nat, rev_adv = revision.targets(x, x_adv)
+    g, g_nat, g_score, loss = cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)   # Eqs. 5, 8
+    cure_mask_(model, g, g_nat, g_score, cfg, mask_fn, updated, average)               # Eq. 6, Alg. 1 l. 20
+    cure_update_(model, optimizer, g, revision, cfg, schedule, generator)              # Eq. 7
+    return loss
+
+
+def official_masked_names(names):
+    """The tensors the official rgp_soft mask touches: every parameter whose qualified name contains
+    "conv1", except the first parameter (NeurAI-Lab/CURE `utilities/reinit_util.py`, `RGP.fuse_grads`:
+    `l > 0 and 'conv1' in layer_names[l]`). For ResNet-18: the 8 `layerX.Y.conv1.weight` tensors."""
+    return [n for i, n in enumerate(names) if i > 0 and "conv1" in n]
+
+
+def official_percentile(score, percentile):
+    """`np.percentile(score, p)` (linear interpolation, NaN if any entry is NaN), in float64 on the
+    score's device: t = v[i] + (v[i+1] - v[i]) * f at the virtual index (n - 1) p / 100 = i + f of the
+    sorted values v (for f >= 0.5 NumPy computes v[i+1] - (v[i+1] - v[i]) * (1 - f); so here)."""
+    v = score.flatten().sort().values                      # torch.sort puts NaN last, as NumPy does
+    n = v.numel()
+    index = (n - 1) * (percentile / 100)
+    lo = min(math.floor(index), n - 1)
+    hi, f = min(lo + 1, n - 1), index - lo
+    a, b = v[lo].double(), v[hi].double()
+    t = b - (b - a) * (1 - f) if f >= 0.5 else a + (b - a) * f
+    return torch.where(torch.isnan(v[-1]), v[-1].double(), t)   # 0-d device tensor: no sync
+
+
+@torch.no_grad()
+def official_rgp_mask_(named_grads, named_grads_nat, named_grads_kl, alpha, percentile):
+    """The official code's RGP mask (its reinit_mode `rgp_soft`): zero g where s < percentile_p(s).
+
+    s = alpha * g_nat + (1 - alpha) * g_kl, SIGNED (no absolute values), g_kl the gradient of the
+    KL term of Eq. 5 (not of CE(f(x_adv), y)); per tensor the threshold is NumPy's linearly
+    interpolated percentile of s (`official_percentile`), p in percent. Only the tensors named by
+    `official_masked_names` are masked. The lists hold (qualified_name, tensor) pairs in
+    `model.named_parameters()` order; the first list is masked in place and the masked names
+    are returned. Plain PyTorch only (no fused kernel); one sort per masked tensor.
+    """
+    names = [n for n, _ in named_grads]
+    if [n for n, _ in named_grads_nat] != names or [n for n, _ in named_grads_kl] != names:
+        raise ValueError("named_grads, named_grads_nat and named_grads_kl must name the same tensors in "
+                         "the same order")
+    grads, grads_nat, grads_kl = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_kl))
+    masked = official_masked_names(names)
+    check_rgp_args([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_kl[n] for n in masked],
+                   alpha, percentile)
+    a, b = rgp_coefficients(alpha)
+    for n in masked:
+        score = grads_nat[n].float().mul(a).add_(grads_kl[n].float().mul(b))   # float32, no FMA
+        grads[n].masked_fill_(score.double() < official_percentile(score, percentile), 0)
+    return masked
+
+
+# =============================================================================
+# 4. RiFT: module robust criticality (Def. 3.1, Alg. 1), one-module fine-tuning, interpolation, OOD
+# =============================================================================
+
+RIFT_ALPHAS = tuple(i / 10 for i in range(11))   # {0, 0.1, ..., 1} (Sec. 3.3); i / 10 is exact, 0.1 * i is not
+
+
+def rift_modules(model):
+    """Qualified names of the modules RiFT ranks and fine-tunes: every nn.Conv2d and nn.Linear."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def rift_module(model, name):
+    """The Conv2d/Linear module called exactly `name`; a ValueError lists the valid names."""
+    valid = rift_modules(model)
+    if name not in valid:
+        raise ValueError(f"unknown module {name!r}; RiFT modules (Conv2d/Linear) are {valid}")
+    return dict(model.named_modules())[name]
+
+
+def robust_loss(model, x_adv, y, batch_size=512):
+    """L_rob = (1/N) sum_i CE(f(x_adv_i), y_i) over the fixed adversarial set (Def. 3.1)."""
+    total = torch.zeros((), dtype=torch.float64, device=y.device)
+    with torch.no_grad():
+        for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size)):
+            total += F.cross_entropy(model(xb).float(), yb, reduction="sum").double()
+    return (total / len(y)).item()
+
+
+def robust_loss_grad(model, weight, x_adv, y, batch_size=512):
+    """dL_rob/dw for one weight tensor, summed over batches (the full-set gradient, not a batch's)."""
+    grad = torch.zeros_like(weight)
+    with torch.enable_grad():
+        for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size)):
+            loss = F.cross_entropy(model(xb).float(), yb, reduction="sum") / len(y)
+            grad += torch.autograd.grad(loss, [weight])[0]      # never touches parameter .grad
+    return grad
+
+
+def _set_weight(weight, w0, dw):
+    """w <- w0 + dw in place, outside autograd."""
+    with torch.no_grad():
+        weight.copy_(w0 + dw)
+
+
+def _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size):
+    """Alg. 1: at most T ascent steps on dw; once ||dw|| > radius, project onto the ball and stop.
+
+    lr=None takes normalised steps dw += (2 * radius / T) * g / ||g||: the same relative size for
+    every module whatever its gradient scale, reaching the boundary (where the maximum of a locally
+    linear or convex loss lies) after about T/2 aligned steps, so the projection is taken for real
+    and the remaining steps are slack for curvature. A number takes plain steps dw += lr * g.
+    """
+    dw = torch.zeros_like(w0)
+    step = 2.0 * radius / steps
+    for _ in range(steps):
+        _set_weight(weight, w0, dw)
+        g = robust_loss_grad(model, weight, x_adv, y, batch_size)
+        if lr is None:
+            g_norm = torch.linalg.vector_norm(g)
+            if g_norm == 0:          # L_rob does not depend on w here: no ascent direction
+                break
+            dw = dw + (step / g_norm) * g
+        else:
+            dw = dw + lr * g
+        norm = torch.linalg.vector_norm(dw)
+        if norm > radius:
+            dw = dw * (radius / norm)
+            break
+    return dw
+
+
+def _official_ascent(model, weight, w0, radius, x_adv, y, epochs, lr, batch_size, generator):
+    """Official code: `epochs` passes of plain SGD ascent (lr 1, shuffled batches of 512), a
+    projection once per pass, and the largest full-set L_rob seen after a pass. Returns (L, dw)."""
+    dw, best, best_dw = torch.zeros_like(w0), -math.inf, torch.zeros_like(w0)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator).to(y.device)
+        for idx in order.split(batch_size):
+            _set_weight(weight, w0, dw)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x_adv[idx]).float(), y[idx])        # batch mean, as SGD
+                dw = dw + lr * torch.autograd.grad(loss, [weight])[0]
+        norm = torch.linalg.vector_norm(dw)
+        if norm > radius:
+            dw = dw * (radius / norm)
+        _set_weight(weight, w0, dw)
+        loss = robust_loss(model, x_adv, y, batch_size)
+        if loss > best:
+            best, best_dw = loss, dw
+    return best, best_dw
+
+
+def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
+                     generator=None, base_loss=None):
+    """MRC(M) = max_{||dw||_2 <= eps ||w||_2} L_rob(w + dw) - L_rob(w) (Def. 3.1), by Alg. 1.
+
+    Returns (mrc, dw) with mrc = L_rob(w + dw) - L_rob(w) for the dw found. variant "paper": see
+    `_paper_ascent`; "official": see `_official_ascent` (lr None = 1.0, `steps` = passes, batches of
+    `batch_size`, shuffled with `generator`). The model runs in eval mode (BatchNorm uses and keeps
+    its running statistics); only the module's weight moves and is restored bit for bit afterwards.
+    `base_loss` is L_rob(w) when already known (it is the same for every module).
+    """
+    if variant not in ("paper", "official"):
+        raise ValueError(f"unknown MRC variant {variant!r}; choose one of ['paper', 'official']")
+    if not (eps >= 0 and steps >= 1):
+        raise ValueError(f"eps={eps!r} must be >= 0 and steps={steps!r} >= 1")
+    weight = rift_module(model, name).weight
+    w0 = weight.detach().clone()
+    radius = eps * torch.linalg.vector_norm(w0).item()
+    needed_grad = weight.requires_grad
+    weight.requires_grad_(True)
+    with eval_mode(model):
+        try:
+            if base_loss is None:
+                base_loss = robust_loss(model, x_adv, y, batch_size)
+            if variant == "paper":
+                dw = _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size)
+                _set_weight(weight, w0, dw)
+                final = robust_loss(model, x_adv, y, batch_size)
+            else:
+                lr = 1.0 if lr is None else lr           # official: torch.optim.SGD(lr=1) on -CE
+                final, dw = _official_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size, generator)
+        finally:
+            with torch.no_grad():
+                weight.copy_(w0)                         # the exact saved tensor: bit-identical restore
+            weight.requires_grad_(needed_grad)
+    return final - base_loss, dw
+
+
+def module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
+                              modules=None, progress=None, generator=None):
+    """MRC (Def. 3.1) of every Conv2d/Linear module (or of `modules`), on fixed (x_adv, y).
+
+    eps = 0.1 and T = 10 steps (RiFT, Sec. 3.2 and Alg. 1); batch_size 512 is the official MRC
+    loader's. x_adv is made once by the caller (`rift_adversarial_set`: PGD-10, CE, on training
+    images). Returns {qualified name: MRC}; the model's state is unchanged and no .grad is left.
+    `progress(i, n)` is called after each module.
+    """
+    valid = rift_modules(model)
+    names = valid if modules is None else list(modules)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown module(s) {unknown}; RiFT modules (Conv2d/Linear) are {valid}")
+    with eval_mode(model):
+        base = robust_loss(model, x_adv, y, batch_size)
+        mrc = {}
+        for i, name in enumerate(names):
+            mrc[name] = mrc_perturbation(model, name, x_adv, y, eps, steps, lr, variant, batch_size,
+                                         generator, base_loss=base)[0]
+            if progress is not None:
+                progress(i + 1, len(names))
+    return mrc
+
+
+def non_robust_critical_module(mrc):
+    """The non-robust-critical module: the one with the lowest MRC (Sec. 3.2); ties go to the first."""
+    if not mrc:
+        raise ValueError("empty MRC table")
+    return min(mrc, key=mrc.get)
+
+
+def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, batch_size=128, generator=None,
+                    progress=None, rank=0, world_size=1, average=None):
+    """RiFT step 2: fine-tune only module `name` on clean training data; returns per-epoch mean loss.
+
+    SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 / 10 from epoch epochs // 2 on (RiFT, Sec. 4;
+    the official MultiStepLR([epochs // 2])). Every other parameter is frozen and the model stays in
+    eval mode, so no BatchNorm statistic moves (the official code fine-tunes in train mode):
+    afterwards only the module's own tensors differ. requires_grad flags and mode are restored,
+    no .grad is left. `progress(i, n)` counts batches over the whole run. Data parallel: as
+    `run_epoch` (this rank's slice of each batch), with `average` for the gradients.
+    """
+    own = {id(p) for p in rift_module(model, name).parameters()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    milestones = ((epochs // 2) / epochs,) if epochs >= 2 else ()   # a 1-epoch run keeps lr
+    losses = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in own)
+        with eval_mode(model):
+            optimizer = make_optimizer(model, lr, weight_decay)
+            for epoch in range(epochs):
+                for group in optimizer.param_groups:
+                    group["lr"] = step_lr(lr, epoch, epochs, milestones)
+                overall = None if progress is None else (lambda i, n, e=epoch: progress(e * n + i, epochs * n))
+                losses.append(run_epoch(model, optimizer, lambda m, o, x, y: natural_step(m, o, x, y, average),
+                                        split, batch_size, generator, overall, rank, world_size))   # in eval mode
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return losses
+
+
+def interpolate(state_a, state_b, alpha):
+    """theta(alpha) = (1 - alpha) * theta_a + alpha * theta_b for floating entries (Sec. 3.3).
+
+    Other entries (BatchNorm's num_batches_tracked) are copied from state_a. alpha = 0 and 1
+    return copies of the endpoints exactly (the formula alone would give nan for inf entries).
+    """
+    if not (0.0 <= alpha <= 1.0):   # also rejects NaN
+        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
+    if state_a.keys() != state_b.keys():
+        raise ValueError(f"state dicts differ in keys: {sorted(set(state_a) ^ set(state_b))[:3]}")
+    out = {}
+    for k, a in state_a.items():
+        b = state_b[k]
+        if not a.is_floating_point() or alpha == 0:
+            out[k] = a.detach().clone()
+        elif alpha == 1:
+            out[k] = b.detach().clone()
+        else:
+            out[k] = (1 - alpha) * a.detach() + alpha * b.detach()
+    return out
+
+
+SELECT_SLACK = 1e-6   # points: absorbs float32 rounding in accuracies (1 of 1,000 examples is exactly 0.1)
+
+
+def select_alpha(table, tolerance=0.1):
+    """The paper's rule (Sec. 3.3): largest clean-accuracy gain over alpha = 0 whose robust accuracy
+    drops by at most `tolerance` points; 0.0 when no alpha gains. Rows: {"alpha", "clean", "robust"}
+    in percent. Ties in clean accuracy go to the higher robust accuracy, then the smaller alpha
+    (the one nearer the adversarially trained weights)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance!r} must be >= 0")
+    start = [r for r in table if r["alpha"] == 0]
+    if not start:
+        raise ValueError("the table needs the alpha = 0 row (the adversarially trained start)")
+    clean0, robust0 = start[0]["clean"], start[0]["robust"]
+    allowed = [r for r in table
+               if r["clean"] > clean0 and r["robust"] >= robust0 - tolerance - SELECT_SLACK]
+    if not allowed:
+        return 0.0
+    best = max(allowed, key=lambda r: (r["clean"], r["robust"], -r["alpha"]))
+    return float(best["alpha"])
+
+
+def rift_adversarial_set(model, split, size, eps=8 / 255, step_size=2 / 255, steps=10, batch_size=128, seed=0):
+    """The fixed adversarial examples L_rob is measured on (Def. 3.1): PGD-10 (CE) of the first
+    `size` images of `split` (training images, never the test split), made once from `model`.
+    Returns (x_adv, y); the random starts come from `seed`."""
+    x, y = next(batches(split.subset(slice(0, size)), size))
+    gen = torch.Generator(x.device).manual_seed(seed)
+    x_adv = torch.cat([pgd(model, xb, yb, eps, step_size, steps, generator=gen)
+                       for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    return x_adv, y
+
+
+@dataclass
+class RiftResult:
+    """What `rift` found: the module it fine-tuned, the tables behind the choices, the weights."""
+    module: str        # the non-robust-critical module (or the one given)
+    mrc: dict          # {module: MRC}, lowest first ({} when the module was given)
+    alphas: list       # [{"alpha", "clean", "robust"}] on the validation split, robust = PGD-10
+    alpha: float       # the selected interpolation factor
+    state: dict        # theta(alpha), the selected model's state_dict
+
+
+def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 255, mrc_size=1000,
+         mrc_eps=0.1, mrc_steps=10, mrc_variant="paper", epochs=10, lr=1e-3, weight_decay=5e-4,
+         batch_size=128, tolerance=0.1, seed=0, progress=None, rank=0, world_size=1):
+    """RiFT (Zhu et al., ICCV 2023) on an adversarially trained `model`, which is left unchanged.
+
+    1. MRC (Def. 3.1, Alg. 1) of every Conv2d/Linear module on `rift_adversarial_set` (`mrc_size`
+       training images, PGD-10); the lowest is the non-robust-critical module (skipped when
+       `module` is given).
+    2. Fine-tune that module alone on clean training data (`finetune_module`: SGD, lr 1e-3 / 10
+       at half-time, weight decay 5e-4, 10 epochs in the paper).
+    3. theta(a) = (1 - a) theta_AT + a theta_FT for a in {0, 0.1, ..., 1} (`interpolate`); on
+       `val_split` pick the largest clean gain whose PGD-10 accuracy drops by at most `tolerance`
+       points (`select_alpha`).
+    `progress(stage, i, n)` reports "MRC" and "fine-tune". Data parallel: every rank computes the
+    MRC table and rank 0's choice is kept (broadcast); fine-tuning and the alpha sweep are sharded.
+    """
+    if module is None:
+        x_adv, y = rift_adversarial_set(model, train_split, mrc_size, eps, step_size, 10, batch_size, seed)
+        report = None if progress is None else (lambda i, n: progress("MRC", i, n))
+        mrc = module_robust_criticality(model, x_adv, y, mrc_eps, mrc_steps, variant=mrc_variant,
+                                        progress=report, generator=torch.Generator().manual_seed(seed))
+        mrc = dict(sorted(mrc.items(), key=lambda kv: kv[1]))
+        names = list(mrc)
+        choice = torch.tensor([names.index(non_robust_critical_module(mrc))], device=x_adv.device)
+        broadcast_([choice], world_size)                   # one module on every rank: rank 0's
+        module = names[int(choice)]
+    else:
+        rift_module(model, module)                         # a ValueError lists the valid names
+        mrc = {}
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tuned = copy.deepcopy(model)
+    report = None if progress is None else (lambda i, n: progress("fine-tune", i, n))
+    finetune_module(tuned, module, train_split, epochs, lr, weight_decay, batch_size,
+                    torch.Generator().manual_seed(seed), report, rank, world_size,
+                    average=None if world_size == 1 else lambda grads: all_reduce_mean_(grads, world_size))
+    probe, table = copy.deepcopy(model), []
+    for alpha in RIFT_ALPHAS:                              # selection on the validation split, never test
+        probe.load_state_dict(interpolate(start, tuned.state_dict(), alpha))
+        v = evaluate(probe, val_split, ["pgd10"], eps, seed=seed, rank=rank, world_size=world_size)   # Sec. 5.1
+        table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"]))
+    alpha = select_alpha(table, tolerance)
+    return RiftResult(module, mrc, table, alpha, interpolate(start, tuned.state_dict(), alpha))
+
+
+# OOD accuracy (RiFT Sec. 5.1): CIFAR-10-C style corruptions, generated in appendix D. The 9 of
+# CIFAR-10-C's 15 test corruptions made here (noise, blur, weather, digital); the other six (glass,
+# motion, zoom blur; snow, frost; elastic) need ImageMagick or image files. The extras are three of
+# CIFAR-10-C's four held-out validation corruptions.
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "fog", "brightness",
+               "contrast", "pixelate", "jpeg_compression")
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "saturate")
+
+
+def corruption_accuracy(model, split, names=CORRUPTIONS, severities=(1, 2, 3, 4, 5), batch_size=256, seed=0,
+                        cifar10c=None):
+    """Clean accuracy (percent) under each corruption, the mean over severities, and "mean" over
+    the corruptions; "n" is the number of images behind each corruption's accuracy.
+
+    Without `cifar10c`, the corruptions of `split` are generated (seeded by `seed`, see
+    `corruption_generator`). With `cifar10c` (from `load_cifar10c`), its Splits are evaluated
+    instead, moved to `split`'s device; their severities are those loaded, equal counts each.
+    """
+    names = list(names)
+    result = {}
+    if cifar10c is None:
+        unknown = [n for n in names if n not in _CORRUPTION_FNS]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown}; choose from {list(_CORRUPTION_FNS)}")
+        for name in names:
+            accs = [evaluate(model, corrupt_split(split, name, s, batch_size, corruption_generator(seed, name, s)),
+                             attacks=(), batch_size=batch_size)["clean"] for s in severities]
+            result[name] = sum(accs) / len(accs)
+        n = len(split) * len(severities)
+    else:
+        missing = [n for n in names if n not in cifar10c]
+        if missing:
+            raise ValueError(f"corruption(s) {missing} not loaded; cifar10c holds {sorted(cifar10c)}")
+        for name in names:
+            result[name] = evaluate(model, cifar10c[name].to(split.x.device), attacks=(),
+                                    batch_size=batch_size)["clean"]
+        n = min(len(cifar10c[name]) for name in names)
+    result["mean"] = sum(result[name] for name in names) / len(names)
+    result["n"] = n
+    return result
+
+
+# =============================================================================
+# 5. Evaluation: clean, PGD-20, PGD-100, CW-inf and AutoAttack accuracy; NRR (Eq. 9)
+# =============================================================================
+
+EVAL_ATTACKS = {  # name -> PGD arguments (step 2/255 unless given, random start; CW = PGD on the margin)
+    "pgd10": dict(steps=10, loss="ce"),
+    "pgd20": dict(steps=20, loss="ce"),
+    "pgd100": dict(steps=100, loss="ce"),
+    "cw": dict(steps=20, loss="cw"),
+    # The official CURE evaluation (NeurAI-Lab/CURE `utilities/adv_utils.py`, as TRADES' official
+    # one): 20 steps of 0.003, whatever eps. Its CW clamps the margin at a confidence of 50 logits,
+    # which only stops moving examples already misclassified by that much.
+    "pgd20_official": dict(steps=20, loss="ce", step_size=0.003),
+    "cw_official": dict(steps=20, loss="cw", step_size=0.003),
+}
+
+
+def check_adversarial(x_adv, x, eps):
+    """RobustBench's sanity checks: inside the eps-ball (with float slack), in [0, 1], no NaN."""
+    assert not torch.isnan(x_adv).any(), "adversarial examples contain NaN"
+    assert (x_adv - x).abs().max() <= eps + 1e-6, "adversarial examples leave the eps-ball"
+    assert x_adv.min() >= 0 and x_adv.max() <= 1, "adversarial examples leave [0, 1]"
+
+
+def percent(count, n):
+    """100 * count / n from integers: 94.0, not float32's 93.99999976158142."""
+    return 100 * int(count) / n if n else float("nan")
+
+
+def batch_generator(seed, index, device):
+    """The generator of the random start for batch `index`: the same whichever rank attacks it."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+
+
+def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, batch_size=256,
+             autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None,
+             rank=0, world_size=1):
+    """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
+    worst case over every attack that covered the whole split.
+
+    `attacks` are names from EVAL_ATTACKS; each runs over the whole split before the next, and
+    `on_result(result)` is called with the result so far after each, so a caller can save it.
+    AutoAttack (standard, L-inf; see `autoattack_correct`, `aa_state_path` resumes it) runs last,
+    on the first `aa_size` examples (all if None): "autoattack", with "n_autoattack" images. An
+    attack that raises is recorded in "failed" ({name: "Type: message"}) and the others still run;
+    "robust" then covers the attacks that finished. Accuracies are 100 * count / n from the
+    integer "counts"; "n" is the split's size. The PGD random starts come from `batch_generator`
+    (seed, batch index), so two models evaluated with one seed get the same starts.
+    Data parallel: rank r attacks batches r, r + N, ...; the per-example flags are gathered after
+    each attack, so every rank returns what one process returns.
+    """
+    unknown = [a for a in attacks if a not in EVAL_ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(EVAL_ATTACKS)}")
+    if aa_size is not None and aa_size < 1:
+        raise ValueError(f"aa_size={aa_size!r} must be >= 1 (or None for the whole split)")
+    check_rank(rank, world_size)
+    n = len(split)
+    result, per_example = {"n": n, "counts": {}}, {}
+    total = len(range(rank, math.ceil(n / batch_size), world_size)) * (1 + len(attacks))   # this rank's
+    done = 0
+
+    def correct_under(name):
+        """Per-example correctness on the clean images, under one PGD attack, or under AutoAttack."""
+        if name == "autoattack":
+            part = split if aa_size is None or aa_size >= n else split.subset(slice(0, aa_size))
+            x_all, y_all = next(batches(part, len(part)))
+            return autoattack_correct(model, x_all, y_all, eps, batch_size, seed, aa_state_path, rank, world_size)
+
+        def attack_mine(out):
+            nonlocal done
+            for i, (x, y) in enumerate(batches(split, batch_size)):
+                if i % world_size != rank:
+                    continue                        # another rank's batch
+                if name != "clean":
+                    x_adv = pgd(model, x, y, eps, generator=batch_generator(seed, i, x.device),
+                                **{"step_size": step_size, **EVAL_ATTACKS[name]})
+                    check_adversarial(x_adv, x, eps)
+                    x = x_adv
+                with torch.no_grad():
+                    out[i * batch_size:i * batch_size + len(y)] = model(x).argmax(1) == y
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+        return gather_shards(attack_mine, n, world_size, split.y.device).bool()
+
+    with eval_mode(model):
+        for name in ("clean", *attacks, *(("autoattack",) if autoattack else ())):
+            try:
+                correct = per_example[name] = correct_under(name)
+            except Exception as e:                  # keep what finished; name what failed
+                result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+            else:
+                m = len(correct)
+                result["counts"][name] = int(correct.sum())
+                result[name] = percent(correct.sum(), m)
+                if name != "clean" and m == n:     # the worst case over attacks of the whole split
+                    worst = torch.stack([v for k, v in per_example.items() if k != "clean" and len(v) == n])
+                    result["robust"] = percent(worst.all(0).sum(), n)
+                if name == "autoattack":
+                    result["n_autoattack"] = m
+                    if m < n and "clean" in per_example:    # for NRR against AA on the same images
+                        result["clean_autoattack"] = percent(per_example["clean"][:m].sum(), m)
+            if on_result is not None:
+                on_result(result)
+    return result
+
+
+def nrr(nat, rob):
+    """Natural-Robustness Ratio (Eq. 9): the harmonic mean 2 * Nat * Rob / (Nat + Rob)."""
+    return 0.0 if nat + rob == 0 else 2.0 * nat * rob / (nat + rob)
+
+
+# =============================================================================
+# 6. Models (CIFAR variants: 3x3 stem, no max-pool; inputs in [0, 1], normalised inside)
 # =============================================================================
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -196,7 +1168,8 @@ def build_model(name, num_classes=10, width=None, mean=CIFAR10_MEAN, std=CIFAR10
 
 
 def masked_parameters(model, exclude=()):
-    """The (name, parameter) pairs the RGP mask applies to: every weight with ndim >= 2 (spec, step 5)."""
+    """The (name, parameter) pairs the RGP mask applies to: every weight with ndim >= 2 (the conv and
+    linear weights; biases and normalisation parameters never)."""
     return [(n, p) for n, p in model.named_parameters()
             if p.ndim >= 2 and not any(n == e or n.startswith(e + ".") for e in exclude)]
 
@@ -206,7 +1179,724 @@ def classifier_name(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
-# --- Models from the RobustBench zoo (optional: pip install -r requirements-zoo.txt) ------------------
+# =============================================================================
+# 7. Data: uint8 tensors on the training device, augmented in batches (no DataLoader)
+# =============================================================================
+
+@dataclass
+class Split:
+    """Images as uint8 (N, 3, H, W) and labels as int64 (N,), on one device."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self):
+        return len(self.y)
+
+    def to(self, device):
+        return Split(self.x.to(device), self.y.to(device))
+
+    def subset(self, index):
+        return Split(self.x[index], self.y[index])
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+DATASETS = ("cifar10", "cifar100", "svhn", "folder", "synthetic")
+
+
+DATASET_STATS = {  # per-channel mean/std of the training images, used inside the model
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+def synthetic_data(num_train=2000, num_test=500, num_classes=10, size=32, seed=0):
+    """A learnable, download-free image set: each class is a smooth random colour template.
+
+    Images are template + per-image noise, shifted by up to 4 pixels and with random contrast,
+    so a CNN has to learn the pattern; the template amplitude (about 0.2) is far above
+    eps = 8/255, so robust features exist, yet a naturally trained model is fooled at that eps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g) - 0.5, size=size + 4,
+                              mode="bicubic", align_corners=False)       # (C, 3, size+4, size+4)
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        dx, dy = torch.randint(5, (2, n), generator=g)
+        rows = (dy[:, None] + torch.arange(size))[:, None, :, None]           # (n, 1, size, 1)
+        cols = (dx[:, None] + torch.arange(size))[:, None, None, :]           # (n, 1, 1, size)
+        t = templates[y][torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
+        x = 0.5 + 0.4 * contrast * t + 0.12 * torch.randn(n, 3, size, size, generator=g)
+        return Split((x.clamp(0, 1) * 255).round().to(torch.uint8), y)
+
+    return Data(sample(num_train), sample(num_test), num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _to_split(images, labels):
+    """uint8 NHWC numpy (or a list of PIL images) -> Split in NCHW."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack([np.asarray(i) for i in images])
+                                              if isinstance(images, list) else images))
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def _read_image_folder(root):
+    """ImageFolder layout root/<class>/<file>: decode every image once into uint8 NCHW."""
+    from PIL import Image
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    images, labels, per_class = [], [], []
+    for label, cls in enumerate(classes):
+        files = sorted(os.listdir(os.path.join(root, cls)))
+        per_class.append(len(files))
+        for f in files:
+            with Image.open(os.path.join(root, cls, f)) as im:
+                images.append(np.asarray(im.convert("RGB")))
+            labels.append(label)
+    return _to_split(images, labels), classes, per_class
+
+
+def folder_data(root, holdout_per_class=500):
+    """ImageFolder root with train/ (and test/). Without test/, the last `holdout_per_class`
+    images of every class (in file-name order) become the test split, the rest train."""
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"folder dataset: {train_dir!r} does not exist; expected ROOT/train/<class>/*")
+    train, classes, per_class = _read_image_folder(train_dir)
+    if os.path.isdir(test_dir):
+        test = _read_image_folder(test_dir)[0]
+    else:  # hold out the tail of each class: deterministic, class-balanced
+        starts = np.cumsum([0] + per_class)
+        is_test = torch.zeros(len(train), dtype=torch.bool)
+        for s, n in zip(starts[:-1], per_class):
+            is_test[s + n - min(holdout_per_class, n):s + n] = True
+        train, test = train.subset(~is_test), train.subset(is_test)
+    mean = tuple((train.x.float() / 255).mean(dim=(0, 2, 3)).tolist())
+    std = tuple((train.x.float() / 255).std(dim=(0, 2, 3)).tolist())
+    return Data(train, test, len(classes), mean, std)
+
+
+def torchvision_data(name, data_dir, download=True):
+    """CIFAR-10, CIFAR-100 or SVHN through torchvision, decoded once into uint8 tensors."""
+    import torchvision
+    try:
+        if name == "svhn":
+            tr = torchvision.datasets.SVHN(data_dir, split="train", download=download)
+            te = torchvision.datasets.SVHN(data_dir, split="test", download=download)
+            train, test = Split(torch.from_numpy(tr.data), torch.from_numpy(tr.labels).long()), \
+                Split(torch.from_numpy(te.data), torch.from_numpy(te.labels).long())
+            num_classes = 10
+        else:
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            tr, te = cls(data_dir, train=True, download=download), cls(data_dir, train=False, download=download)
+            train, test = _to_split(tr.data, tr.targets), _to_split(te.data, te.targets)
+            num_classes = len(tr.classes)
+    except (RuntimeError, OSError) as e:  # no network, or a corrupt / missing local copy
+        raise RuntimeError(
+            f"could not load {name!r} from {os.path.abspath(data_dir)!r} ({e}). Download it on a machine "
+            f"with internet access and pass the folder that holds it as data_dir "
+            f"(torchvision's layout, e.g. DIR/cifar-10-batches-py), or use 'folder' or 'synthetic'.") from None
+    mean, std = DATASET_STATS[name]
+    return Data(train, test, num_classes, mean, std)
+
+
+def load_data(name, data_dir="data", holdout_per_class=500, synthetic_size=(2000, 500), seed=0):
+    """Load a dataset by name: one of DATASETS."""
+    if name == "synthetic":
+        return synthetic_data(*synthetic_size, seed=seed)
+    if name == "folder":
+        return folder_data(data_dir, holdout_per_class)
+    if name in DATASET_STATS:
+        return torchvision_data(name, data_dir)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+
+
+def split_validation(train, size, seed=0):
+    """Carve a seeded random validation split of `size` images out of the training split."""
+    if not 0 <= size < len(train):
+        raise ValueError(f"validation size {size} must be in [0, {len(train)})")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[size:]), train.subset(order[:size])
+
+
+def augment(x, generator):
+    """Random crop with 4-pixel zero padding and horizontal flip, for a uint8 batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy, dx = torch.randint(9, (2, b), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]      # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]      # (B, 1, 1, W)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def batches(split, batch_size, generator=None, train=False, rank=0, world_size=1):
+    """Yield (x, y) with x float in [0, 1]; with train=True shuffled, augmented and full batches only.
+
+    Data parallel (train=True): every rank draws the same global batch of `batch_size` from the
+    same `generator` and keeps rows [rank * b, (rank + 1) * b), b = batch_size / world_size, so N
+    ranks together see exactly the batches one process sees.
+    """
+    check_rank(rank, world_size)
+    if world_size > 1 and not train:
+        raise ValueError("only training batches are split over ranks (`evaluate` shards whole batches)")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}")
+    n = len(split)
+    order = torch.randperm(n, generator=generator).to(split.y.device) if train else None
+    stop = n - n % batch_size if train and n >= batch_size else n
+    mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size] if train else slice(i, i + batch_size)
+        x, y = split.x[idx], split.y[idx]
+        if train:
+            x = augment(x, generator)       # the whole batch: every rank consumes the same draws
+            x, y = x[mine], y[mine]
+        yield x.float().div_(255), y
+
+
+###############################################################################
+# APPENDIX: support code, not needed to follow the methods above.
+# Checkpoints and RNG state, data-parallel collectives, the AutoAttack adapters, the CIFAR-10-C
+# generator and the RobustBench zoo. The methods call into it; reading them does not need it.
+###############################################################################
+
+
+# =============================================================================
+# A. Checkpoints and RNG state
+# =============================================================================
+
+def rng_state():
+    """Every random number generator's state, so that a resumed run continues exactly."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write(path, write):
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: a killed run
+    leaves the old file or the new one, never half of one (os.replace is atomic on POSIX)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, **state):
+    """torch.save `state` to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def save_json(path, obj):
+    """json.dump `obj` to `path` atomically (`atomic_write`), indented."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def load_state_dict_checked(model, state_dict, source="checkpoint", hint="check the architecture and its width"):
+    """Load weights, turning an architecture mismatch into a one-line ValueError that ends with `hint`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else
+                  f"unexpected {unexpected[:3]}" if unexpected else
+                  f"shape of {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
+        raise ValueError(f"{source} does not fit this model ({detail}); {hint}")
+    model.load_state_dict(state_dict)
+
+
+# =============================================================================
+# B. Data parallel: N processes (torchrun) that compute what one process computes
+# =============================================================================
+
+# Every rank holds the whole model and draws the same global batch; it computes the gradients
+# of its 1/N slice (`batches`), and the steps' `average` replaces them by the mean over the
+# ranks before the update: the gradient of the global batch's mean loss (BatchNorm aside: each
+# rank normalises with its slice's statistics). CURE averages its three gradients before the
+# mask (`cure_step`). Evaluation shards whole batches and gathers per-example flags
+# (`evaluate`). The functions below are the collectives; with world_size 1 they do nothing, so
+# one process never touches torch.distributed.
+
+def check_rank(rank, world_size):
+    """A ValueError naming the values unless world_size >= 1 and 0 <= rank < world_size."""
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank={rank!r}, world_size={world_size!r}: need an integer world_size >= 1 and "
+                         f"0 <= rank < world_size")
+
+
+def _check_group(world_size):
+    """A ValueError unless torch.distributed's default group has `world_size` ranks (else the means
+    would be divided by the wrong N)."""
+    if world_size < 1 or dist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size!r}, but the process group has {dist.get_world_size()} ranks")
+
+
+def _flat_buckets(tensors):
+    """The tensors grouped by dtype, each group with one flat (contiguous) copy of its entries."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return [(group, torch.cat([t.reshape(-1) for t in group])) for group in groups.values()]
+
+
+def _unflatten_(group, flat):
+    torch._foreach_copy_(group, [f.view(t.shape) for t, f in zip(group, flat.split([t.numel() for t in group]))])
+
+
+def all_reduce_mean_(tensors, world_size):
+    """t <- (1/N) sum_r t^(r), in place, for every tensor: one all-reduce per dtype of a flat bucket."""
+    if world_size == 1:
+        return
+    _check_group(world_size)
+    for group, flat in _flat_buckets(tensors):
+        dist.all_reduce(flat)                 # the same bytes on every rank ...
+        flat.div_(world_size)                 # ... and the same division: ranks stay bit-identical
+        _unflatten_(group, flat)
+
+
+def broadcast_(tensors, world_size, src=0):
+    """t <- t^(src), in place, for every tensor: one broadcast per dtype of a flat bucket."""
+    if world_size == 1:
+        return
+    _check_group(world_size)
+    for group, flat in _flat_buckets(tensors):
+        dist.broadcast(flat, src)
+        _unflatten_(group, flat)
+
+
+def gradient_averager(model, world_size):
+    """The steps' `average` for `model` on `world_size` ranks (None for one): it replaces the
+    gradients handed to it, and the model's floating buffers (BatchNorm statistics, so that every
+    rank keeps the same ones), by their means over the ranks, in one all-reduce per dtype."""
+    check_rank(0, world_size)
+    if world_size == 1:
+        return None
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return lambda tensors: all_reduce_mean_([*tensors, *buffers], world_size)
+
+
+def mean_over_ranks(value, world_size):
+    """The mean over the ranks of a 0-d tensor (a loss): a new tensor, the input untouched."""
+    value = value.detach().clone()
+    all_reduce_mean_([value], world_size)
+    return value
+
+
+def gather_shards(work, m, world_size, device):
+    """Run `work(out)`, which fills this rank's entries of `out` (int32, (m,), zeros elsewhere),
+    and sum `out` over the ranks: every rank gets every entry. An exception on one rank is raised
+    on all of them (after the all-reduce, so no rank is left waiting in it)."""
+    if world_size > 1:
+        _check_group(world_size)
+    out = torch.zeros(m + 1, dtype=torch.int32, device=device)   # the last entry counts failed ranks
+    error = None
+    try:
+        work(out[:m])
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error, out[m] = e, 1
+    if world_size > 1:
+        dist.all_reduce(out)
+        if error is not None:
+            raise error
+        if out[m]:
+            raise RuntimeError(f"{int(out[m])} other rank(s) failed here; see their messages")
+    return out[:m]
+
+
+# =============================================================================
+# C. AutoAttack: the two packages' APIs, attack by attack, resumable
+# =============================================================================
+
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")   # Croce & Hein 2020, version "standard"
+
+
+def autoattack_package():
+    """Name of the importable AutoAttack package: "autoattack" (the official one, installed from
+    GitHub) or "pyautoattack" (its PyPI release); None when neither imports."""
+    for name in ("autoattack", "pyautoattack"):
+        try:
+            __import__(name)
+            return name
+        except ImportError:
+            pass
+    return None
+
+
+def autoattack_available():
+    """True when an AutoAttack package can be imported (see `autoattack_package`)."""
+    return autoattack_package() is not None
+
+
+def autoattack_one(model, x, y, eps, attack, seed=0, batch_size=256):
+    """Adversarial examples of one attack of AutoAttack's standard L-inf ensemble.
+
+    Drives whichever package imports through its own API (the two differ in keyword names and
+    return values). The attack keeps its standard-version settings; inputs are made contiguous
+    (pyautoattack's APGD-T calls .view on the input gradient) and the device is x's.
+    """
+    if attack not in AUTOATTACK_STANDARD:
+        raise ValueError(f"unknown AutoAttack attack {attack!r}; choose one of {list(AUTOATTACK_STANDARD)}")
+    package = autoattack_package()
+    if package is None:
+        raise ImportError("AutoAttack is not installed: pip install pyautoattack")
+    x, y = x.contiguous(), y.contiguous()
+    if package == "autoattack":
+        from autoattack import AutoAttack
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, verbose=False,
+                               device=x.device)
+        adversary.attacks_to_run = [attack]
+        return adversary.run_standard_evaluation(x, y, bs=batch_size)
+    from pyautoattack import AutoAttack
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+    adversary.attacks_to_run = [attack]
+    return adversary.run_standard_evaluation(x, y, batch_size=batch_size)[0]
+
+
+def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None, rank=0, world_size=1):
+    """Per-example correctness (bool, (N,)) under AutoAttack, standard version, L-inf.
+
+    The four attacks run in order, each only on the examples that every earlier one failed to
+    fool, as AutoAttack's standard version does. With `state_path` the flags are saved (JSON,
+    atomically) after every batch, and a call with the same path continues an interrupted run
+    where it stopped. (pyautoattack 0.2.0's own `state_path` cannot resume: its restore branch
+    leaves `y_adv` unbound.) The model must be in eval mode.
+    Data parallel: the pending examples go in rounds of one batch per rank, and the flags are
+    gathered after each round, so every batch is the one a single process would attack; every
+    rank reads `state_path`, rank 0 alone writes it.
+    """
+    check_rank(rank, world_size)
+    n, device = len(y), y.device
+    fresh = dict(n=n, eps=eps, seed=seed, labels=y.tolist(), done=[], pending=None, flags=None)
+    state = fresh
+    if state_path is not None and os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+        if any(state.get(k) != fresh[k] for k in ("n", "eps", "seed", "labels")):
+            raise ValueError(f"AutoAttack state {state_path!r} belongs to another evaluation "
+                             f"(examples, eps or seed differ); delete it to start over")
+
+    def save():
+        if state_path is not None and rank == 0:
+            save_json(state_path, state)
+
+    def clean(out):                        # this rank's batches of the clean forward
+        for i in range(rank, math.ceil(n / batch_size), world_size):
+            part = slice(i * batch_size, (i + 1) * batch_size)
+            with torch.no_grad():
+                out[part] = model(x[part]).argmax(1) == y[part]
+
+    if state["flags"] is None:
+        state["flags"] = gather_shards(clean, n, world_size, device).bool().tolist()
+        save()
+    flags = torch.tensor(state["flags"], dtype=torch.bool, device=device)
+    for attack in AUTOATTACK_STANDARD:
+        if attack in state["done"]:
+            continue
+        if state["pending"] is None:       # this attack starts: every example still robust
+            state["pending"] = flags.nonzero().flatten().tolist()
+        while state["pending"]:
+            chunk = state["pending"][:batch_size * world_size]     # one batch per rank
+
+            def attack_mine(out):
+                mine = slice(rank * batch_size, (rank + 1) * batch_size)
+                idx = torch.tensor(chunk[mine], dtype=torch.long, device=device)
+                if len(idx):
+                    x_adv = autoattack_one(model, x[idx], y[idx], eps, attack, seed, batch_size)
+                    check_adversarial(x_adv, x[idx], eps)
+                    with torch.no_grad():
+                        out[mine] = model(x_adv).argmax(1) == y[idx]
+
+            still = gather_shards(attack_mine, len(chunk), world_size, device).bool()
+            flags[torch.tensor(chunk, device=device)] &= still
+            state["flags"], state["pending"] = flags.tolist(), state["pending"][len(chunk):]
+            save()
+        state["done"].append(attack)
+        state["pending"] = None
+        save()
+    return flags
+
+
+# =============================================================================
+# D. CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019), generated in torch; the .npy files
+# =============================================================================
+
+# Severity parameters are those of the CIFAR-10-C generator, hendrycks/robustness
+# ImageNet-C/create_c/make_cifar_c.py, severities 1..5. Images are float (B, 3, H, W) in [0, 1].
+
+CORRUPTION_PARAMS = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),    # std of the added N(0, c^2)
+    "shot_noise": (500, 250, 100, 75, 50),                # photons per unit intensity: Poisson(x c) / c
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),      # share of values set to 0 or 1 (salt and pepper)
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),      # std of the multiplicative x + x N(0, c^2)
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)),  # (disk radius, alias sigma), px
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),           # sigma, px
+    "fog": ((0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)),          # (haze, fractal decay)
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),            # added to the HSV value
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),              # factor on the distance from the channel mean
+    "saturate": ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)),       # HSV S -> S a + b
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),            # size factor of the box down- and up-scale
+    "jpeg_compression": (80, 65, 58, 50, 40),             # JPEG quality
+}
+
+
+def _rand(shape, generator, device, normal=False):
+    """Uniform [0, 1) or N(0, 1) numbers drawn on the generator's own device, then moved to `device`:
+    a CPU generator gives the same corruption on CPU and GPU."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=where).to(device)
+
+
+def _gaussian_noise(x, c, generator):
+    return x + c * _rand(x.shape, generator, x.device, normal=True)
+
+
+def _shot_noise(x, c, generator):
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.poisson((x * c).to(where), generator=generator).to(x.device) / c
+
+
+def _impulse_noise(x, c, generator):
+    """skimage random_noise(mode="s&p"): each value is hit with probability c, then salt or pepper 50/50."""
+    hit, salt = _rand(x.shape, generator, x.device) < c, _rand(x.shape, generator, x.device) < 0.5
+    return torch.where(hit, salt.to(x.dtype), x)
+
+
+def _speckle_noise(x, c, generator):
+    return x + x * c * _rand(x.shape, generator, x.device, normal=True)
+
+
+def _filter(x, kernel, pad_mode):
+    """Per-channel 2-D correlation of x (B, C, H, W) with a square odd kernel (k, k), same size out."""
+    p, ch = kernel.shape[-1] // 2, x.shape[1]
+    weight = kernel.to(x.device, x.dtype).expand(ch, 1, *kernel.shape)
+    return F.conv2d(F.pad(x, (p, p, p, p), mode=pad_mode), weight, groups=ch)
+
+
+def _gaussian_1d(sigma, radius):
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def defocus_kernel(radius, alias_sigma):
+    """make_cifar_c's `disk`: pixels with x^2 + y^2 <= r^2, normalised, then a 3x3 Gaussian of
+    `alias_sigma` (cv2.GaussianBlur) against aliasing. Cropped to its support (2 floor(r) + 3)^2."""
+    s = int(radius) + 1
+    t = torch.arange(-s, s + 1, dtype=torch.float64)
+    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).double()
+    disk /= disk.sum()
+    gauss = _gaussian_1d(alias_sigma, 1)
+    return F.conv2d(disk[None, None], (gauss[:, None] * gauss[None, :])[None, None], padding=1)[0, 0].float()
+
+
+def _defocus_blur(x, c, generator):
+    return _filter(x, defocus_kernel(*c), "reflect")      # cv2.filter2D's default border is reflect-101
+
+
+def _gaussian_blur(x, c, generator):
+    """skimage.filters.gaussian: truncate 4 sigma, 'nearest' border; separable."""
+    k = _gaussian_1d(c, int(4.0 * c + 0.5)).float()
+    return _filter(x, k[:, None] * k[None, :], "replicate")
+
+
+def plasma_fractal(batch, size, decay, generator=None, device="cpu"):
+    """Diamond-square height maps (B, size, size) in [0, 1], size a power of two (make_cifar_c's
+    `plasma_fractal`): midpoints are the mean of 4 neighbours (wrapping) plus uniform noise of
+    amplitude w^2, w = 100 divided by `decay` per level (larger decay = smoother haze)."""
+    m = torch.zeros(batch, size, size, dtype=torch.float64)
+    step, wibble = size, 100.0
+
+    def noisy_mean(total):
+        return total / 4 + wibble * wibble * (2 * _rand(total.shape, generator, "cpu").double() - 1)
+
+    while step >= 2:
+        half = step // 2
+        corners = m[:, ::step, ::step]
+        square = corners + corners.roll(-1, 1)
+        m[:, half::step, half::step] = noisy_mean(square + square.roll(-1, 2))          # square centres
+        centres = m[:, half::step, half::step]
+        m[:, ::step, half::step] = noisy_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
+        m[:, half::step, ::step] = noisy_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        step, wibble = half, wibble / decay
+    m -= m.amin((1, 2), keepdim=True)
+    return (m / m.amax((1, 2), keepdim=True)).float().to(device)
+
+
+def _fog(x, c, generator):
+    strength, decay = c
+    b, _, h, w = x.shape
+    size = 2 ** math.ceil(math.log2(max(h, w, 2)))           # diamond-square needs a power of two
+    haze = plasma_fractal(b, size, decay, generator, x.device)[:, None, :h, :w]
+    peak = x.amax((1, 2, 3), keepdim=True)                    # per image, before the haze
+    return (x + strength * haze) * peak / (peak + strength)
+
+
+def _brightness(x, c, generator):
+    """HSV V -> clip(V + c): at fixed hue and saturation RGB scales with V, so rgb * V'/V (black
+    pixels, S = 0, become grey V')."""
+    v = x.amax(1, keepdim=True)
+    v_new = (v + c).clamp(0, 1)
+    return torch.where(v > 0, x * (v_new / v.clamp_min(1e-12)), v_new.expand_as(x))
+
+
+def _saturate(x, c, generator):
+    """HSV S -> clip(S a + b) at fixed H, V: RGB = V - (S'/S) (V - rgb); a grey pixel (S = 0) has
+    hue 0 in skimage, so it turns red: (V, V (1 - S'), V (1 - S'))."""
+    a, b = c
+    v, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    delta = v - lo
+    s = torch.where(v > 0, delta / v.clamp_min(1e-12), torch.zeros_like(v))
+    s_new = (s * a + b).clamp(0, 1)
+    colour = v - (s_new * v / delta.clamp_min(1e-12)) * (v - x)      # S'/S = S' V / delta
+    grey = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], dim=1)
+    return torch.where(delta > 0, colour, grey)
+
+
+def _contrast(x, c, generator):
+    mean = x.mean((2, 3), keepdim=True)                       # per image and channel
+    return (x - mean) * c + mean
+
+
+def box_resize_matrix(n_in, n_out):
+    """PIL's Image.BOX resampling n_in -> n_out as an (n_out, n_in) matrix: output pixel j averages,
+    with equal weights, the input pixels whose centres fall in its footprint (Pillow Resample.c)."""
+    scale = n_in / n_out
+    support = 0.5 * max(scale, 1.0)
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for j in range(n_out):
+        centre = (j + 0.5) * scale
+        for i in range(max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)):
+            t = (i - centre + 0.5) / max(scale, 1.0)
+            a[j, i] = 1.0 if -0.5 < t <= 0.5 else 0.0
+    return a / a.sum(1, keepdim=True)
+
+
+def _pixelate(x, c, generator):
+    h, w = x.shape[-2:]
+    sh, sw = max(int(h * c), 1), max(int(w * c), 1)
+    rows = (box_resize_matrix(sh, h) @ box_resize_matrix(h, sh)).to(x.device, x.dtype)     # (H, H)
+    cols = (box_resize_matrix(sw, w) @ box_resize_matrix(w, sw)).to(x.device, x.dtype)     # (W, W)
+    return rows @ x @ cols.T
+
+
+def _jpeg_compression(x, c, generator):
+    """Save and reload every image as a quality-c JPEG with PIL, as make_cifar_c does (uint8, on the
+    host; torchvision's encode_jpeg gives the same bytes but is deprecated since 0.29)."""
+    import io
+    from PIL import Image
+    decoded = []
+    for img in (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():  # (H, W, 3)
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, "JPEG", quality=int(c))
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
+
+
+_CORRUPTION_FNS = {
+    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
+    "speckle_noise": _speckle_noise, "defocus_blur": _defocus_blur, "gaussian_blur": _gaussian_blur,
+    "fog": _fog, "brightness": _brightness, "contrast": _contrast, "saturate": _saturate,
+    "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
+}
+
+
+def corrupt(x, name, severity, generator=None):
+    """CIFAR-10-C corruption `name` at severity 1..5 of float images (B, 3, H, W) in [0, 1], on x's
+    device, clipped to [0, 1]. Random draws come from `generator` (on its own device)."""
+    if name not in _CORRUPTION_FNS:
+        raise ValueError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+    if severity not in (1, 2, 3, 4, 5) or isinstance(severity, bool):
+        raise ValueError(f"severity={severity!r} must be an integer in 1..5")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(x.shape)}")
+    c = CORRUPTION_PARAMS[name][int(severity) - 1]
+    return _CORRUPTION_FNS[name](x, c, generator).clamp_(0, 1)
+
+
+def corruption_generator(seed, name, severity):
+    """The generator for one (corruption, severity): every model sees the same corrupted images, and
+    one corruption's images do not depend on which others ran."""
+    index = (CORRUPTIONS + EXTRA_CORRUPTIONS).index(name)
+    return torch.Generator().manual_seed(seed * 1000 + 10 * index + severity)
+
+
+def corrupt_split(split, name, severity, batch_size=256, generator=None):
+    """A Split of corrupted images, rounded to uint8 like the CIFAR-10-C files (which truncate)."""
+    out = []
+    for x, _ in batches(split, batch_size):
+        out.append(corrupt(x, name, severity, generator).mul_(255).round_().to(torch.uint8))
+    return Split(torch.cat(out), split.y)
+
+
+def load_cifar10c(directory, names, severities=(1, 2, 3, 4, 5), num=None):
+    """Read CIFAR-10-C (Hendrycks & Dietterich, zenodo.org/record/2535967) into {name: Split}.
+
+    `<name>.npy` is (50000, 32, 32, 3) uint8, 10,000 images per severity in order 1..5, labelled by
+    `labels.npy`. Each Split holds the first `num` images (all if None) of each requested severity,
+    in the order given. Files are memory-mapped, so only the chosen rows are read.
+    """
+    if any(s not in (1, 2, 3, 4, 5) for s in severities):
+        raise ValueError(f"severities={tuple(severities)!r} must be in 1..5")
+    if num is not None and num < 1:
+        raise ValueError(f"num={num!r} must be >= 1 (or None for all)")
+
+    def path_of(stem):
+        path = os.path.join(directory, f"{stem}.npy")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CIFAR-10-C file {path!r} not found; download CIFAR-10-C "
+                                    f"(zenodo.org/record/2535967) and pass its folder")
+        return path
+
+    labels = np.load(path_of("labels"))
+    out = {}
+    for name in names:
+        images = np.load(path_of(name), mmap_mode="r")
+        if len(images) != len(labels) or len(images) % 5:
+            raise ValueError(f"{path_of(name)!r} has {len(images)} images for {len(labels)} labels; "
+                             f"expected 5 equal severity blocks")
+        per = len(images) // 5
+        take = per if num is None else min(num, per)
+        index = np.concatenate([np.arange(take) + (s - 1) * per for s in severities])
+        out[name] = _to_split(np.asarray(images[index]), labels[index])
+    return out
+
+
+# =============================================================================
+# E. Models from the RobustBench zoo (optional: pip install -r requirements-zoo.txt)
+# =============================================================================
+
 # RiFT is post hoc: its natural input is a published adversarially trained model. RobustBench's CIFAR
 # models take [0, 1] inputs and normalise inside, as this project's do, so every function below takes
 # them as they are, and RiFT ranks their Conv2d/Linear modules under their own names (RobustBench's
@@ -343,1555 +2033,3 @@ def load_robustbench_model(name, dataset, model_dir="models"):
                                f"that failed ({_first_line(e)}); run once with network access") from None
         raise RuntimeError(f"RobustBench model {name!r}: could not load {', '.join(files)} "
                            f"({_first_line(e)})") from None
-
-
-# =============================================================================
-# 2. Data: uint8 tensors on the training device, augmented in batches (no DataLoader)
-# =============================================================================
-
-@dataclass
-class Split:
-    """Images as uint8 (N, 3, H, W) and labels as int64 (N,), on one device."""
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self):
-        return len(self.y)
-
-    def to(self, device):
-        return Split(self.x.to(device), self.y.to(device))
-
-    def subset(self, index):
-        return Split(self.x[index], self.y[index])
-
-
-@dataclass
-class Data:
-    train: Split
-    test: Split
-    num_classes: int
-    mean: tuple
-    std: tuple
-
-
-DATASETS = ("cifar10", "cifar100", "svhn", "folder", "synthetic")
-DATASET_STATS = {  # per-channel mean/std of the training images, used inside the model
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-}
-
-
-def synthetic_data(num_train=2000, num_test=500, num_classes=10, size=32, seed=0):
-    """A learnable, download-free image set: each class is a smooth random colour template.
-
-    Images are template + per-image noise, shifted by up to 4 pixels and with random contrast,
-    so a CNN has to learn the pattern; the template amplitude (about 0.2) is far above
-    eps = 8/255, so robust features exist, yet a naturally trained model is fooled at that eps.
-    """
-    g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g) - 0.5, size=size + 4,
-                              mode="bicubic", align_corners=False)       # (C, 3, size+4, size+4)
-
-    def sample(n):
-        y = torch.randint(num_classes, (n,), generator=g)
-        dx, dy = torch.randint(5, (2, n), generator=g)
-        rows = (dy[:, None] + torch.arange(size))[:, None, :, None]           # (n, 1, size, 1)
-        cols = (dx[:, None] + torch.arange(size))[:, None, None, :]           # (n, 1, 1, size)
-        t = templates[y][torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-        contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
-        x = 0.5 + 0.4 * contrast * t + 0.12 * torch.randn(n, 3, size, size, generator=g)
-        return Split((x.clamp(0, 1) * 255).round().to(torch.uint8), y)
-
-    return Data(sample(num_train), sample(num_test), num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-
-def _to_split(images, labels):
-    """uint8 NHWC numpy (or a list of PIL images) -> Split in NCHW."""
-    x = torch.from_numpy(np.ascontiguousarray(np.stack([np.asarray(i) for i in images])
-                                              if isinstance(images, list) else images))
-    if x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
-
-
-def _read_image_folder(root):
-    """ImageFolder layout root/<class>/<file>: decode every image once into uint8 NCHW."""
-    from PIL import Image
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    images, labels, per_class = [], [], []
-    for label, cls in enumerate(classes):
-        files = sorted(os.listdir(os.path.join(root, cls)))
-        per_class.append(len(files))
-        for f in files:
-            with Image.open(os.path.join(root, cls, f)) as im:
-                images.append(np.asarray(im.convert("RGB")))
-            labels.append(label)
-    return _to_split(images, labels), classes, per_class
-
-
-def folder_data(root, holdout_per_class=500):
-    """ImageFolder root with train/ (and test/). Without test/, the last `holdout_per_class`
-    images of every class (in file-name order) become the test split, the rest train."""
-    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
-    if not os.path.isdir(train_dir):
-        raise FileNotFoundError(f"folder dataset: {train_dir!r} does not exist; expected ROOT/train/<class>/*")
-    train, classes, per_class = _read_image_folder(train_dir)
-    if os.path.isdir(test_dir):
-        test = _read_image_folder(test_dir)[0]
-    else:  # hold out the tail of each class: deterministic, class-balanced
-        starts = np.cumsum([0] + per_class)
-        is_test = torch.zeros(len(train), dtype=torch.bool)
-        for s, n in zip(starts[:-1], per_class):
-            is_test[s + n - min(holdout_per_class, n):s + n] = True
-        train, test = train.subset(~is_test), train.subset(is_test)
-    mean = tuple((train.x.float() / 255).mean(dim=(0, 2, 3)).tolist())
-    std = tuple((train.x.float() / 255).std(dim=(0, 2, 3)).tolist())
-    return Data(train, test, len(classes), mean, std)
-
-
-def torchvision_data(name, data_dir, download=True):
-    """CIFAR-10, CIFAR-100 or SVHN through torchvision, decoded once into uint8 tensors."""
-    import torchvision
-    try:
-        if name == "svhn":
-            tr = torchvision.datasets.SVHN(data_dir, split="train", download=download)
-            te = torchvision.datasets.SVHN(data_dir, split="test", download=download)
-            train, test = Split(torch.from_numpy(tr.data), torch.from_numpy(tr.labels).long()), \
-                Split(torch.from_numpy(te.data), torch.from_numpy(te.labels).long())
-            num_classes = 10
-        else:
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            tr, te = cls(data_dir, train=True, download=download), cls(data_dir, train=False, download=download)
-            train, test = _to_split(tr.data, tr.targets), _to_split(te.data, te.targets)
-            num_classes = len(tr.classes)
-    except (RuntimeError, OSError) as e:  # no network, or a corrupt / missing local copy
-        raise RuntimeError(
-            f"could not load {name!r} from {os.path.abspath(data_dir)!r} ({e}). Download it on a machine "
-            f"with internet access and point --data-dir at the folder that holds it "
-            f"(torchvision's layout, e.g. DIR/cifar-10-batches-py), or use 'folder' or 'synthetic'.") from None
-    mean, std = DATASET_STATS[name]
-    return Data(train, test, num_classes, mean, std)
-
-
-def load_data(name, data_dir="data", holdout_per_class=500, synthetic_size=(2000, 500), seed=0):
-    """Load a dataset by name: one of DATASETS."""
-    if name == "synthetic":
-        return synthetic_data(*synthetic_size, seed=seed)
-    if name == "folder":
-        return folder_data(data_dir, holdout_per_class)
-    if name in DATASET_STATS:
-        return torchvision_data(name, data_dir)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
-
-
-def split_validation(train, size, seed=0):
-    """Carve a seeded random validation split of `size` images out of the training split."""
-    if not 0 <= size < len(train):
-        raise ValueError(f"validation size {size} must be in [0, {len(train)})")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    return train.subset(order[size:]), train.subset(order[:size])
-
-
-def augment(x, generator):
-    """Random crop with 4-pixel zero padding and horizontal flip, for a uint8 batch (B, C, H, W)."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy, dx = torch.randint(9, (2, b), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]      # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]      # (B, 1, 1, W)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
-
-
-def batches(split, batch_size, generator=None, train=False, rank=0, world_size=1):
-    """Yield (x, y) with x float in [0, 1]; with train=True shuffled, augmented and full batches only.
-
-    Data parallel (train=True): every rank draws the same global batch of `batch_size` from the
-    same `generator` and keeps rows [rank * b, (rank + 1) * b), b = batch_size / world_size, so N
-    ranks together see exactly the batches one process sees.
-    """
-    check_rank(rank, world_size)
-    if world_size > 1 and not train:
-        raise ValueError("only training batches are split over ranks (`evaluate` shards whole batches)")
-    if batch_size % world_size:
-        raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}")
-    n = len(split)
-    order = torch.randperm(n, generator=generator).to(split.y.device) if train else None
-    stop = n - n % batch_size if train and n >= batch_size else n
-    mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-    for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size] if train else slice(i, i + batch_size)
-        x, y = split.x[idx], split.y[idx]
-        if train:
-            x = augment(x, generator)       # the whole batch: every rank consumes the same draws
-            x, y = x[mine], y[mine]
-        yield x.float().div_(255), y
-
-
-# =============================================================================
-# 3. Attacks: one PGD routine (Madry et al. 2018) for training, evaluation, TRADES, CURE, RiFT
-# =============================================================================
-
-ATTACK_LOSSES = ("ce", "cw", "kl")
-
-
-def cw_margin(logits, y):
-    """CW margin per example: max_{j != y} z_j - z_y (positive = misclassified)."""
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return others.max(dim=1).values - z_y
-
-
-def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random_start=True, generator=None):
-    """L-inf PGD: x^{t+1} = clip_[0,1](Proj_eps(x^t + step * sign(grad_x L(x^t)))).
-
-    loss: "ce" cross-entropy, "cw" margin max_{j != y} z_j - z_y, "kl" the TRADES inner
-    maximisation KL(p(x) || p(x')) started at x + 0.001 * N(0, 1) (Eq. 4). The model is put in
-    eval mode (BatchNorm uses running statistics) and restored; parameters get no gradient.
-    The random start comes from `generator` (on x's device), or from torch's global generator.
-    """
-    if loss not in ATTACK_LOSSES:
-        raise ValueError(f"unknown attack loss {loss!r}; choose one of {list(ATTACK_LOSSES)}")
-    if eps < 0:
-        raise ValueError(f"eps={eps!r} must be >= 0")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            if loss == "kl":
-                with torch.no_grad():
-                    p_nat = F.softmax(model(x), dim=1)
-                x_adv = x + 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            elif random_start:
-                x_adv = x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-            else:
-                x_adv = x.clone()
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
-            for _ in range(steps):
-                x_adv.requires_grad_(True)
-                logits = model(x_adv)
-                if loss == "ce":
-                    objective = F.cross_entropy(logits, y, reduction="sum")
-                elif loss == "cw":
-                    objective = cw_margin(logits, y).sum()
-                else:
-                    objective = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum")
-                grad, = torch.autograd.grad(objective, [x_adv])   # never touches parameter .grad
-                x_adv = x_adv.detach() + step_size * grad.sign()
-                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
-    finally:
-        model.train(was_training)
-    return x_adv.detach()
-
-
-# =============================================================================
-# 4. Losses and training: natural, Madry AT, TRADES; SGD with the papers' step schedule
-# =============================================================================
-
-def trades_loss(logits_nat, logits_adv, y, beta=6.0):
-    """TRADES: CE(f(x), y) + beta * (1/B) * sum_i KL(p(x_i) || p(x_adv_i))  (Zhang et al. 2019)."""
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits_nat, y) + beta * kl
-
-
-def sgd_update(model, optimizer, loss, average=None):
-    """Backward `loss`, then one optimiser step. `average` (data parallel, see section 8) is called
-    on the gradients first, and replaces them by their mean over the ranks."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if average is not None:
-        average([p.grad for p in model.parameters() if p.grad is not None])
-    optimizer.step()
-    return loss.detach()
-
-
-def natural_step(model, optimizer, x, y, average=None):
-    """One SGD step on CE(f(x), y). Returns the detached loss (no host sync)."""
-    return sgd_update(model, optimizer, F.cross_entropy(model(x), y), average)
-
-
-def at_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, average=None):
-    """Madry AT: one SGD step on CE(f(x_adv), y), x_adv = PGD-`steps` on CE."""
-    x_adv = pgd(model, x, y, eps, step_size, steps, loss="ce")
-    return natural_step(model, optimizer, x_adv, y, average)
-
-
-def trades_step(model, optimizer, x, y, eps=8 / 255, step_size=2 / 255, steps=10, beta=6.0, average=None):
-    """TRADES: one SGD step on `trades_loss`, x_adv from the KL inner maximisation."""
-    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")
-    return sgd_update(model, optimizer, trades_loss(model(x), model(x_adv), y, beta), average)
-
-
-def make_optimizer(model, lr, weight_decay, momentum=0.9):
-    """SGD with momentum 0.9 on every trainable parameter (weight decay on all, as the papers)."""
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
-                           momentum=momentum, weight_decay=weight_decay)
-
-
-def step_lr(base_lr, epoch, epochs, milestones=(0.5, 0.75)):
-    """Piecewise-constant schedule: lr / 10 after each milestone (fractions of the run).
-
-    (0.5, 0.75) of 200 epochs is epochs 100 and 150, the official CURE and Rice et al. schedule.
-    """
-    return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
-
-
-def train_epoch(model, optimizer, step, split, batch_size, lr, generator, progress=None, rank=0, world_size=1):
-    """Run `step(model, optimizer, x, y)` over one shuffled, augmented epoch in train mode at
-    learning rate `lr`. Returns the mean loss (see `run_epoch`)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    model.train()
-    return run_epoch(model, optimizer, step, split, batch_size, generator, progress, rank, world_size)
-
-
-def run_epoch(model, optimizer, step, split, batch_size, generator, progress=None, rank=0, world_size=1):
-    """`step(model, optimizer, x, y)` on every shuffled, augmented batch of one epoch, the model in
-    whatever mode it is; `progress(i, n)` after each. Returns the mean loss.
-
-    Data parallel: this rank's slice of each global batch (see `batches`); the loss is the mean
-    over the ranks too (one all-reduce per epoch).
-    """
-    total, count = None, 0
-    n_batches = max(1, len(split) // batch_size)
-    for i, (x, y) in enumerate(batches(split, batch_size, generator, train=True, rank=rank, world_size=world_size)):
-        loss = step(model, optimizer, x, y)
-        total = loss if total is None else total + loss   # summed on the device: no sync per step
-        count += 1
-        if progress is not None:
-            progress(i + 1, n_batches)
-    if total is None:
-        return float("nan")
-    return float(mean_over_ranks(total, world_size)) / count
-
-
-# =============================================================================
-# 5. CURE: RGP update mask (Eq. 6 and Algorithm 1, line 20)
-# =============================================================================
-
-def check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile):
-    """Validate the arguments of `rgp_mask_` (shared with `kernels.fused_rgp_mask_`)."""
-    if not (len(grads) == len(grads_nat) == len(grads_adv)):
-        raise ValueError(f"grads, grads_nat and grads_adv must have the same length, "
-                         f"got {len(grads)}, {len(grads_nat)}, {len(grads_adv)}")
-    for i, (g, gn, ga) in enumerate(zip(grads, grads_nat, grads_adv)):
-        if not (g.shape == gn.shape == ga.shape):
-            raise ValueError(f"tensor {i}: shapes differ: grads {tuple(g.shape)}, "
-                             f"grads_nat {tuple(gn.shape)}, grads_adv {tuple(ga.shape)}")
-    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
-        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
-    if not (0.0 <= percentile <= 100.0):
-        raise ValueError(f"percentile={percentile!r} is outside the allowed range [0, 100]")
-
-
-def rgp_rank(n, percentile):
-    """k = floor(p * n / 100): how many entries of an n-element tensor the rule masks (spec, step 5)."""
-    return math.floor(percentile * n / 100)
-
-
-def rgp_coefficients(alpha):
-    """(a, b) = (float32(alpha), float32(1 - alpha)), the subtraction done in double (spec, step 4)."""
-    a = float(torch.tensor(alpha, dtype=torch.float32))
-    b = float(torch.tensor(1.0 - alpha, dtype=torch.float32))
-    return a, b
-
-
-def rgp_score(g_nat, g_adv, alpha):
-    """Eq. 6 per element: s = a * |g_nat| + b * |g_adv| in float32, each op rounded (no FMA)."""
-    a, b = rgp_coefficients(alpha)
-    return g_nat.float().abs().mul_(a).add_(g_adv.float().abs().mul_(b))
-
-
-def score_key(score):
-    """int32 order key of a non-negative float32 score; NaN maps above +inf (so it is never masked)."""
-    key = score.view(torch.int32)
-    return torch.where(torch.isnan(score), torch.full_like(key, 0x7FFFFFFF), key)
-
-
-@torch.no_grad()
-def rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
-    """RGP update mask (Eq. 6, Alg. 1 line 20): zero grads[i] where score < its rank-k score.
-
-    Per tensor with n elements: k = floor(p * n / 100); k = 0 masks nothing, k = n masks all;
-    otherwise t = the (k+1)-th smallest score (NaN largest) and every entry with score < t is
-    zeroed (strict: ties at t are kept). In place, no host synchronisation per tensor.
-    """
-    check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
-    for g, gn, ga in zip(grads, grads_nat, grads_adv):
-        n = g.numel()
-        k = rgp_rank(n, percentile)
-        if k == 0:
-            continue
-        if k == n:
-            g.zero_()
-            continue
-        key = score_key(rgp_score(gn, ga, alpha)).flatten()
-        threshold = key.kthvalue(k + 1).values        # 0-d device tensor: no .item(), no sync
-        g.masked_fill_((key < threshold).view(g.shape), 0)
-
-
-def official_masked_names(names):
-    """The tensors the official rgp_soft mask touches: every parameter whose qualified name contains
-    "conv1", except the first parameter (NeurAI-Lab/CURE `utilities/reinit_util.py`, `RGP.fuse_grads`:
-    `l > 0 and 'conv1' in layer_names[l]`). For ResNet-18: the 8 `layerX.Y.conv1.weight` tensors."""
-    return [n for i, n in enumerate(names) if i > 0 and "conv1" in n]
-
-
-def official_percentile(score, percentile):
-    """`np.percentile(score, p)` (linear interpolation, NaN if any entry is NaN), in float64 on the
-    score's device: t = v[i] + (v[i+1] - v[i]) * f at the virtual index (n - 1) p / 100 = i + f of the
-    sorted values v (for f >= 0.5 NumPy computes v[i+1] - (v[i+1] - v[i]) * (1 - f); so here)."""
-    v = score.flatten().sort().values                      # torch.sort puts NaN last, as NumPy does
-    n = v.numel()
-    index = (n - 1) * (percentile / 100)
-    lo = min(math.floor(index), n - 1)
-    hi, f = min(lo + 1, n - 1), index - lo
-    a, b = v[lo].double(), v[hi].double()
-    t = b - (b - a) * (1 - f) if f >= 0.5 else a + (b - a) * f
-    return torch.where(torch.isnan(v[-1]), v[-1].double(), t)   # 0-d device tensor: no sync
-
-
-@torch.no_grad()
-def official_rgp_mask_(named_grads, named_grads_nat, named_grads_kl, alpha, percentile):
-    """The official code's RGP mask (`--reinit_mode rgp_soft`): zero g where s < percentile_p(s).
-
-    s = alpha * g_nat + (1 - alpha) * g_kl, SIGNED (no absolute values), g_kl the gradient of the
-    KL term of Eq. 5 (not of CE(f(x_adv), y)); per tensor the threshold is NumPy's linearly
-    interpolated percentile of s (`official_percentile`), p in percent. Only the tensors named by
-    `official_masked_names` are masked. The lists hold (qualified_name, tensor) pairs in
-    `model.named_parameters()` order; the first list is masked in place and the masked names
-    are returned. Plain PyTorch only (no fused kernel); one sort per masked tensor.
-    """
-    names = [n for n, _ in named_grads]
-    if [n for n, _ in named_grads_nat] != names or [n for n, _ in named_grads_kl] != names:
-        raise ValueError("named_grads, named_grads_nat and named_grads_kl must name the same tensors in "
-                         "the same order")
-    grads, grads_nat, grads_kl = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_kl))
-    masked = official_masked_names(names)
-    check_rgp_args([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_kl[n] for n in masked],
-                   alpha, percentile)
-    a, b = rgp_coefficients(alpha)
-    for n in masked:
-        score = grads_nat[n].float().mul(a).add_(grads_kl[n].float().mul(b))   # float32, no FMA
-        grads[n].masked_fill_(score.double() < official_percentile(score, percentile), 0)
-    return masked
-
-
-def consistency_loss(logits, logits_rev):
-    """KL(p_rev || p), batch mean; Eq. 8 is its sum over the natural and the adversarial batch."""
-    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(logits_rev, dim=1), reduction="batchmean")
-
-
-CURE_VARIANTS = ("paper", "official")
-
-
-@dataclass(frozen=True)
-class CureConfig:
-    """CURE hyperparameters; defaults are Table 9 for ResNet-18 on CIFAR-10, beta the official code's."""
-    percentile: float = 30.0   # p: share of each weight tensor's entries kept frozen per step (Table 9)
-    alpha: float = 0.1         # weight of the natural gradient in the RGP score, Eq. 6 (Table 9)
-    gamma: float = 1.0         # weight of the consistency loss L_CR, Eq. 8 (Table 9)
-    # Weight of the KL term in L_adv (Eq. 5). Eq. 5 as printed has weight 1; every official run used
-    # 5: NeurAI-Lab/CURE `utilities/args.py` --trades_beta (default 5), passed as cure_loss_dual's
-    # beta by `utilities/train.py` on every path. Weight 1 loses much of the robustness (README).
-    beta: float = 5.0
-    rate: float = 0.2          # revision rate r at the start, decayed linearly to r/10 (Table 9, Sec. 4)
-    decay: float = 0.999       # revision decay d for a 200-epoch run (Table 9); see `revision_decay`
-    exclude: tuple = ()        # masked-tensor names to leave unmasked (e.g. the classifier)
-    # "paper": Eq. 6's score and the exact rank-k rule on every weight, eval-mode revision model with
-    # r_t decaying. "official": the official code's rgp_soft mask (`official_rgp_mask_`) and its
-    # train-mode, parameters-only revision model at the constant rate r.
-    variant: str = "paper"
-
-    def __post_init__(self):
-        if self.variant not in CURE_VARIANTS:
-            raise ValueError(f"unknown CURE variant {self.variant!r}; choose one of {list(CURE_VARIANTS)}")
-
-
-CURE_DEFAULTS = {  # (model, dataset) -> (percentile, alpha, gamma), Table 9
-    ("resnet18", "cifar10"): (30, 0.1, 1.0),
-    ("resnet18", "cifar100"): (30, 0.1, 1.0),
-    ("resnet18", "svhn"): (30, 0.2, 1.0),
-    ("wrn34_10", "cifar10"): (50, 0.3, 0.5),
-    ("wrn34_10", "cifar100"): (50, 0.3, 0.5),
-    ("preact_resnet18", "cifar10"): (20, 0.2, 1.0),
-}
-
-
-def cure_defaults(model_name, dataset):
-    """Table 9's CureConfig for (model, dataset); datasets it does not list use CIFAR-10's row."""
-    key = (model_name, dataset if (model_name, dataset) in CURE_DEFAULTS else "cifar10")
-    p, a, g = CURE_DEFAULTS.get(key, CURE_DEFAULTS[("resnet18", "cifar10")])
-    return CureConfig(percentile=p, alpha=a, gamma=g)
-
-
-PAPER_STEPS = 200 * 391   # 200 epochs x 391 batches of 128 CIFAR images: the paper's CURE run
-
-
-def expected_revisions(rate, total_steps):
-    """Expected number of revision updates when r_t falls linearly from r to r/10: 0.55 * r * S."""
-    return 0.55 * rate * total_steps
-
-
-def revision_decay(decay, rate, total_steps):
-    """The decay d actually used: keep the horizon 1/(1 - d) at the paper's share of the updates.
-
-    The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
-    epochs. A short run makes far fewer revisions, so its horizon shrinks in proportion:
-    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, 1 - 1/H) (never larger than d, H >= 1).
-    """
-    share = (1.0 / (1.0 - decay)) / expected_revisions(rate, PAPER_STEPS)
-    horizon = max(1.0, share * expected_revisions(rate, total_steps))
-    return min(decay, 1.0 - 1.0 / horizon)
-
-
-class Revision:
-    """The revision model of Eq. 7: a stochastic momentum (EMA) copy of the training model.
-
-    train_mode=False (the paper's reading): the copy gives its targets in eval mode, and its
-    parameters and floating-point buffers are averaged. train_mode=True (the official code,
-    `utilities/train.py`): the copy stays in train mode, so its targets use the batch's statistics
-    and its forwards update its own BatchNorm statistics, and only its parameters are averaged.
-    """
-
-    def __init__(self, model, train_mode=False):
-        self.model = copy.deepcopy(model).train(train_mode)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.train_mode = train_mode
-        self.updates = 0
-
-    @torch.no_grad()
-    def targets(self, x, x_adv):
-        """(logits_rev(x), logits_rev(x_adv)), without gradient, in the copy's own mode."""
-        return self.model(x), self.model(x_adv)
-
-    @torch.no_grad()
-    def update_(self, model, decay, step):
-        """theta_rev <- d_t * theta_rev + (1 - d_t) * theta, d_t = min(d, 1 - 1/(step + 1)) (Eq. 7).
-
-        The min() is the mean-teacher warm-up: early updates move the copy quickly, so it does not
-        sit at its initial weights. In eval mode floating-point buffers (BatchNorm statistics) are
-        averaged too and integer buffers copied; in train mode the buffers are the copy's own.
-        """
-        d = min(decay, 1.0 - 1.0 / (step + 1))
-        if self.train_mode:
-            rev = [p for p in self.model.parameters()]
-            cur = [p.detach() for p in model.parameters()]
-        else:
-            rev_state, cur_state = self.model.state_dict(), model.state_dict()
-            floats = [k for k, v in rev_state.items() if v.is_floating_point()]
-            rev, cur = [rev_state[k] for k in floats], [cur_state[k] for k in floats]
-            for k, v in rev_state.items():
-                if not v.is_floating_point():
-                    v.copy_(cur_state[k])
-        torch._foreach_mul_(rev, d)
-        torch._foreach_add_(rev, cur, alpha=1.0 - d)
-        self.updates += 1
-
-    def maybe_update_(self, model, decay, rate, step, generator):
-        """With probability `rate` apply Eq. 7 (the draw is on the host: no device sync)."""
-        if torch.rand((), generator=generator).item() < rate:
-            self.update_(model, decay, step)
-
-
-def revision_rate(rate, progress):
-    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1)."""
-    return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
-
-
-def cure_rate(cfg, progress):
-    """The revision probability at `progress` (0 to 1) of the run: r_t for the paper variant; the
-    official code's constant r (its --ema_dynamic, off by default, is not reproduced)."""
-    return cfg.rate if cfg.variant == "official" else revision_rate(cfg.rate, progress)
-
-
-def cure_revision(model, cfg):
-    """A fresh revision model for `cfg.variant` (the official one stays in train mode)."""
-    return Revision(model, train_mode=cfg.variant == "official")
-
-
-def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
-    """The three gradients of one CURE step from one forward graph, with three backward passes.
-
-    Returns (g, g_nat, g_score, L) per trainable parameter: g = dL/dtheta with
-    L = CE(f(x), y) + beta KL(p(x) || p(x_adv)) + gamma L_CR (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta,
-    and the second gradient of the mask's score: g_adv = dCE(f(x_adv), y)/dtheta (Eq. 6, paper
-    variant) or g_kl = dKL(p(x) || p(x_adv))/dtheta (official variant). L is CE(f(x), y) plus the
-    rest, so g = g_nat + d(rest)/dtheta (paper) or g_nat + beta g_kl + gamma dL_CR/dtheta (official):
-    no fourth pass for L itself.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    logits_nat, logits_adv = model(x), model(x_adv)
-    ce_nat = F.cross_entropy(logits_nat, y)
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
-    l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
-    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    if cfg.variant == "official":
-        g_kl = torch.autograd.grad(kl, params, retain_graph=True)
-        g_cr = torch.autograd.grad(cfg.gamma * l_cr, params)
-        g = torch._foreach_add(torch._foreach_add(g_nat, g_kl, alpha=cfg.beta), g_cr)
-        return g, g_nat, g_kl, (ce_nat + cfg.beta * kl + cfg.gamma * l_cr).detach()
-    rest = cfg.beta * kl + cfg.gamma * l_cr
-    g_adv = torch.autograd.grad(F.cross_entropy(logits_adv, y), params, retain_graph=True)
-    g_rest = torch.autograd.grad(rest, params)
-    return torch._foreach_add(g_nat, g_rest), g_nat, g_adv, (ce_nat + rest).detach()
-
-
-def cure_masked(model, cfg):
-    """(name, index into the trainable parameters) of the tensors cfg's mask applies to: every
-    weight with ndim >= 2 outside cfg.exclude (paper), or `official_masked_names` (official)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    index = {id(p): i for i, (_, p) in enumerate(named)}
-    if cfg.variant == "official":
-        position = {n: i for i, (n, _) in enumerate(named)}
-        return [(n, position[n]) for n in official_masked_names([n for n, _ in named])]
-    return [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
-
-
-def cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generator,
-              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None, average=None):
-    """One CURE step (Algorithm 1): attack, three gradients, RGP mask, SGD step, revision.
-
-    `decay` is the d actually used (see `revision_decay`), `rate` the current r_t (`cure_rate`),
-    `step` the global step count (for the mean-teacher warm-up). `mask_fn` replaces `rgp_mask_`
-    (the fused kernels; paper variant only). If `updated` (a dict) is given, the number of updated
-    entries per masked tensor is added to it on the device (Figure 6b).
-    Data parallel: `average` (section 8) replaces g, and the two score gradients of the masked
-    tensors, by their means over the ranks before the mask, so every rank computes the same mask,
-    and `generator` must be seeded alike on every rank (the same revision coin). Returns the
-    detached loss L.
-    """
-    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                         # Eq. 4
-    rev_nat, rev_adv = revision.targets(x, x_adv)
-    g, g_nat, g_score, loss = cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)
-    sel = cure_masked(model, cfg)
-    if average is not None:       # the scores need the mean g_nat, g_score: 3x the plain volume
-        average([*g, *(g_nat[i] for _, i in sel), *(g_score[i] for _, i in sel)])
-    if cfg.variant == "official":
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        official_rgp_mask_(list(zip(names, g)), list(zip(names, g_nat)), list(zip(names, g_score)),
-                           cfg.alpha, cfg.percentile)
-    else:
-        (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel], [g_score[i] for _, i in sel],
-                               cfg.alpha, cfg.percentile)                              # Eq. 6, Alg. 1 l. 20
-    if updated is not None:
-        with torch.no_grad():
-            for name, i in sel:
-                updated[name] = updated.get(name, 0) + (g[i] != 0).sum()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p, gi in zip(params, g):
-        p.grad = gi
-    optimizer.step()
-    revision.maybe_update_(model, decay, rate, step, generator)                        # Eq. 7
-    return loss
-
-
-# =============================================================================
-# 6. RiFT: module robust criticality (Def. 3.1, Alg. 1), one-module fine-tuning, interpolation, OOD
-# =============================================================================
-
-RIFT_ALPHAS = tuple(i / 10 for i in range(11))   # {0, 0.1, ..., 1} (Sec. 3.3); i / 10 is exact, 0.1 * i is not
-
-
-def rift_modules(model):
-    """Qualified names of the modules RiFT ranks and fine-tunes: every nn.Conv2d and nn.Linear."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-def rift_module(model, name):
-    """The Conv2d/Linear module called exactly `name`; a ValueError lists the valid names."""
-    valid = rift_modules(model)
-    if name not in valid:
-        raise ValueError(f"unknown module {name!r}; RiFT modules (Conv2d/Linear) are {valid}")
-    return dict(model.named_modules())[name]
-
-
-def robust_loss(model, x_adv, y, batch_size=512):
-    """L_rob = (1/N) sum_i CE(f(x_adv_i), y_i) over the fixed adversarial set (Def. 3.1)."""
-    total = torch.zeros((), dtype=torch.float64, device=y.device)
-    with torch.no_grad():
-        for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size)):
-            total += F.cross_entropy(model(xb).float(), yb, reduction="sum").double()
-    return (total / len(y)).item()
-
-
-def robust_loss_grad(model, weight, x_adv, y, batch_size=512):
-    """dL_rob/dw for one weight tensor, summed over batches (the full-set gradient, not a batch's)."""
-    grad = torch.zeros_like(weight)
-    with torch.enable_grad():
-        for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size)):
-            loss = F.cross_entropy(model(xb).float(), yb, reduction="sum") / len(y)
-            grad += torch.autograd.grad(loss, [weight])[0]      # never touches parameter .grad
-    return grad
-
-
-def _set_weight(weight, w0, dw):
-    """w <- w0 + dw in place, outside autograd."""
-    with torch.no_grad():
-        weight.copy_(w0 + dw)
-
-
-def _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size):
-    """Alg. 1: at most T ascent steps on dw; once ||dw|| > radius, project onto the ball and stop.
-
-    lr=None takes normalised steps dw += (2 * radius / T) * g / ||g||: the same relative size for
-    every module whatever its gradient scale, reaching the boundary (where the maximum of a locally
-    linear or convex loss lies) after about T/2 aligned steps, so the projection is taken for real
-    and the remaining steps are slack for curvature. A number takes plain steps dw += lr * g.
-    """
-    dw = torch.zeros_like(w0)
-    step = 2.0 * radius / steps
-    for _ in range(steps):
-        _set_weight(weight, w0, dw)
-        g = robust_loss_grad(model, weight, x_adv, y, batch_size)
-        if lr is None:
-            g_norm = torch.linalg.vector_norm(g)
-            if g_norm == 0:          # L_rob does not depend on w here: no ascent direction
-                break
-            dw = dw + (step / g_norm) * g
-        else:
-            dw = dw + lr * g
-        norm = torch.linalg.vector_norm(dw)
-        if norm > radius:
-            dw = dw * (radius / norm)
-            break
-    return dw
-
-
-def _official_ascent(model, weight, w0, radius, x_adv, y, epochs, lr, batch_size, generator):
-    """Official code: `epochs` passes of plain SGD ascent (lr 1, shuffled batches of 512), a
-    projection once per pass, and the largest full-set L_rob seen after a pass. Returns (L, dw)."""
-    dw, best, best_dw = torch.zeros_like(w0), -math.inf, torch.zeros_like(w0)
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator).to(y.device)
-        for idx in order.split(batch_size):
-            _set_weight(weight, w0, dw)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(x_adv[idx]).float(), y[idx])        # batch mean, as SGD
-                dw = dw + lr * torch.autograd.grad(loss, [weight])[0]
-        norm = torch.linalg.vector_norm(dw)
-        if norm > radius:
-            dw = dw * (radius / norm)
-        _set_weight(weight, w0, dw)
-        loss = robust_loss(model, x_adv, y, batch_size)
-        if loss > best:
-            best, best_dw = loss, dw
-    return best, best_dw
-
-
-def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
-                     generator=None, base_loss=None):
-    """MRC(M) = max_{||dw||_2 <= eps ||w||_2} L_rob(w + dw) - L_rob(w) (Def. 3.1), by Alg. 1.
-
-    Returns (mrc, dw) with mrc = L_rob(w + dw) - L_rob(w) for the dw found. variant "paper": see
-    `_paper_ascent`; "official": see `_official_ascent` (lr None = 1.0, `steps` = passes, batches of
-    `batch_size`, shuffled with `generator`). The model runs in eval mode (BatchNorm uses and keeps
-    its running statistics); only the module's weight moves and is restored bit for bit afterwards.
-    `base_loss` is L_rob(w) when already known (it is the same for every module).
-    """
-    if variant not in ("paper", "official"):
-        raise ValueError(f"unknown MRC variant {variant!r}; choose one of ['paper', 'official']")
-    if not (eps >= 0 and steps >= 1):
-        raise ValueError(f"eps={eps!r} must be >= 0 and steps={steps!r} >= 1")
-    weight = rift_module(model, name).weight
-    w0 = weight.detach().clone()
-    radius = eps * torch.linalg.vector_norm(w0).item()
-    was_training, needed_grad = model.training, weight.requires_grad
-    model.eval()
-    weight.requires_grad_(True)
-    try:
-        if base_loss is None:
-            base_loss = robust_loss(model, x_adv, y, batch_size)
-        if variant == "paper":
-            dw = _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size)
-            _set_weight(weight, w0, dw)
-            final = robust_loss(model, x_adv, y, batch_size)
-        else:
-            lr = 1.0 if lr is None else lr           # official: torch.optim.SGD(lr=1) on -CE
-            final, dw = _official_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size, generator)
-    finally:
-        with torch.no_grad():
-            weight.copy_(w0)                         # the exact saved tensor: bit-identical restore
-        weight.requires_grad_(needed_grad)
-        model.train(was_training)
-    return final - base_loss, dw
-
-
-def module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
-                              modules=None, progress=None, generator=None):
-    """MRC (Def. 3.1) of every Conv2d/Linear module (or of `modules`), on fixed (x_adv, y).
-
-    eps = 0.1 and T = 10 steps (spec); batch_size 512 is the official MRC loader's. x_adv is made
-    once by the caller (PGD-10, CE, on training images). Returns {qualified name: MRC}; the model's
-    state is unchanged and no .grad is left. `progress(i, n)` is called after each module.
-    """
-    valid = rift_modules(model)
-    names = valid if modules is None else list(modules)
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise ValueError(f"unknown module(s) {unknown}; RiFT modules (Conv2d/Linear) are {valid}")
-    was_training = model.training
-    model.eval()
-    try:
-        base = robust_loss(model, x_adv, y, batch_size)
-        mrc = {}
-        for i, name in enumerate(names):
-            mrc[name] = mrc_perturbation(model, name, x_adv, y, eps, steps, lr, variant, batch_size,
-                                         generator, base_loss=base)[0]
-            if progress is not None:
-                progress(i + 1, len(names))
-    finally:
-        model.train(was_training)
-    return mrc
-
-
-def non_robust_critical_module(mrc):
-    """The non-robust-critical module: the one with the lowest MRC (Sec. 3.2); ties go to the first."""
-    if not mrc:
-        raise ValueError("empty MRC table")
-    return min(mrc, key=mrc.get)
-
-
-def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, batch_size=128, generator=None,
-                    progress=None, rank=0, world_size=1, average=None):
-    """RiFT step 2: fine-tune only module `name` on clean training data; returns per-epoch mean loss.
-
-    SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 / 10 from epoch epochs // 2 on (spec; the
-    official MultiStepLR([epochs // 2])). Every other parameter is frozen and the model stays in
-    eval mode, so no BatchNorm statistic moves (the official code fine-tunes in train mode):
-    afterwards only the module's own tensors differ. requires_grad flags and mode are restored,
-    no .grad is left. `progress(i, n)` counts batches over the whole run. Data parallel: as
-    `run_epoch` (this rank's slice of each batch), with `average` for the gradients.
-    """
-    own = {id(p) for p in rift_module(model, name).parameters()}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    milestones = ((epochs // 2) / epochs,) if epochs >= 2 else ()   # a 1-epoch run keeps lr
-    losses = []
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in own)
-        model.eval()
-        optimizer = make_optimizer(model, lr, weight_decay)
-        for epoch in range(epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr(lr, epoch, epochs, milestones)
-            overall = None if progress is None else (lambda i, n, e=epoch: progress(e * n + i, epochs * n))
-            losses.append(run_epoch(model, optimizer, lambda m, o, x, y: natural_step(m, o, x, y, average),
-                                    split, batch_size, generator, overall, rank, world_size))   # in eval mode
-        optimizer.zero_grad(set_to_none=True)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return losses
-
-
-def interpolate(state_a, state_b, alpha):
-    """theta(alpha) = (1 - alpha) * theta_a + alpha * theta_b for floating entries (Sec. 3.3).
-
-    Other entries (BatchNorm's num_batches_tracked) are copied from state_a. alpha = 0 and 1
-    return copies of the endpoints exactly (the formula alone would give nan for inf entries).
-    """
-    if not (0.0 <= alpha <= 1.0):   # also rejects NaN
-        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
-    if state_a.keys() != state_b.keys():
-        raise ValueError(f"state dicts differ in keys: {sorted(set(state_a) ^ set(state_b))[:3]}")
-    out = {}
-    for k, a in state_a.items():
-        b = state_b[k]
-        if not a.is_floating_point() or alpha == 0:
-            out[k] = a.detach().clone()
-        elif alpha == 1:
-            out[k] = b.detach().clone()
-        else:
-            out[k] = (1 - alpha) * a.detach() + alpha * b.detach()
-    return out
-
-
-SELECT_SLACK = 1e-6   # points: absorbs float32 rounding in accuracies (1 of 1,000 examples is exactly 0.1)
-
-
-def select_alpha(table, tolerance=0.1):
-    """The paper's rule (Sec. 3.3): largest clean-accuracy gain over alpha = 0 whose robust accuracy
-    drops by at most `tolerance` points; 0.0 when no alpha gains. Rows: {"alpha", "clean", "robust"}
-    in percent. Ties in clean accuracy go to the higher robust accuracy, then the smaller alpha
-    (the one nearer the adversarially trained weights)."""
-    if tolerance < 0:
-        raise ValueError(f"tolerance={tolerance!r} must be >= 0")
-    start = [r for r in table if r["alpha"] == 0]
-    if not start:
-        raise ValueError("the table needs the alpha = 0 row (the adversarially trained start)")
-    clean0, robust0 = start[0]["clean"], start[0]["robust"]
-    allowed = [r for r in table
-               if r["clean"] > clean0 and r["robust"] >= robust0 - tolerance - SELECT_SLACK]
-    if not allowed:
-        return 0.0
-    best = max(allowed, key=lambda r: (r["clean"], r["robust"], -r["alpha"]))
-    return float(best["alpha"])
-
-
-# --- OOD: CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019), made in torch -------------------
-# Severity parameters are those of the CIFAR-10-C generator, hendrycks/robustness
-# ImageNet-C/create_c/make_cifar_c.py, severities 1..5. Images are float (B, 3, H, W) in [0, 1].
-
-CORRUPTION_PARAMS = {
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),    # std of the added N(0, c^2)
-    "shot_noise": (500, 250, 100, 75, 50),                # photons per unit intensity: Poisson(x c) / c
-    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),      # share of values set to 0 or 1 (salt and pepper)
-    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),      # std of the multiplicative x + x N(0, c^2)
-    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)),  # (disk radius, alias sigma), px
-    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),           # sigma, px
-    "fog": ((0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)),          # (haze, fractal decay)
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),            # added to the HSV value
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),              # factor on the distance from the channel mean
-    "saturate": ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)),       # HSV S -> S a + b
-    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),            # size factor of the box down- and up-scale
-    "jpeg_compression": (80, 65, 58, 50, 40),             # JPEG quality
-}
-# The 9 of CIFAR-10-C's 15 test corruptions made here (noise, blur, weather, digital); the other six
-# (glass, motion, zoom blur; snow, frost; elastic) need ImageMagick or image files. The extras are
-# three of CIFAR-10-C's four held-out validation corruptions.
-CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "fog", "brightness",
-               "contrast", "pixelate", "jpeg_compression")
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "saturate")
-
-
-def _rand(shape, generator, device, normal=False):
-    """Uniform [0, 1) or N(0, 1) numbers drawn on the generator's own device, then moved to `device`:
-    a CPU generator gives the same corruption on CPU and GPU."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    draw = torch.randn if normal else torch.rand
-    return draw(shape, generator=generator, device=where).to(device)
-
-
-def _gaussian_noise(x, c, g):
-    return x + c * _rand(x.shape, g, x.device, normal=True)
-
-
-def _shot_noise(x, c, g):
-    where = g.device if g is not None else torch.device("cpu")
-    return torch.poisson((x * c).to(where), generator=g).to(x.device) / c
-
-
-def _impulse_noise(x, c, g):
-    """skimage random_noise(mode="s&p"): each value is hit with probability c, then salt or pepper 50/50."""
-    hit, salt = _rand(x.shape, g, x.device) < c, _rand(x.shape, g, x.device) < 0.5
-    return torch.where(hit, salt.to(x.dtype), x)
-
-
-def _speckle_noise(x, c, g):
-    return x + x * c * _rand(x.shape, g, x.device, normal=True)
-
-
-def _filter(x, kernel, pad_mode):
-    """Per-channel 2-D correlation of x (B, C, H, W) with a square odd kernel (k, k), same size out."""
-    p, ch = kernel.shape[-1] // 2, x.shape[1]
-    weight = kernel.to(x.device, x.dtype).expand(ch, 1, *kernel.shape)
-    return F.conv2d(F.pad(x, (p, p, p, p), mode=pad_mode), weight, groups=ch)
-
-
-def _gaussian_1d(sigma, radius):
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def defocus_kernel(radius, alias_sigma):
-    """make_cifar_c's `disk`: pixels with x^2 + y^2 <= r^2, normalised, then a 3x3 Gaussian of
-    `alias_sigma` (cv2.GaussianBlur) against aliasing. Cropped to its support (2 floor(r) + 3)^2."""
-    s = int(radius) + 1
-    t = torch.arange(-s, s + 1, dtype=torch.float64)
-    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).double()
-    disk /= disk.sum()
-    g = _gaussian_1d(alias_sigma, 1)
-    return F.conv2d(disk[None, None], (g[:, None] * g[None, :])[None, None], padding=1)[0, 0].float()
-
-
-def _defocus_blur(x, c, g):
-    return _filter(x, defocus_kernel(*c), "reflect")      # cv2.filter2D's default border is reflect-101
-
-
-def _gaussian_blur(x, c, g):
-    """skimage.filters.gaussian: truncate 4 sigma, 'nearest' border; separable."""
-    k = _gaussian_1d(c, int(4.0 * c + 0.5)).float()
-    return _filter(x, k[:, None] * k[None, :], "replicate")
-
-
-def plasma_fractal(batch, size, decay, generator=None, device="cpu"):
-    """Diamond-square height maps (B, size, size) in [0, 1], size a power of two (make_cifar_c's
-    `plasma_fractal`): midpoints are the mean of 4 neighbours (wrapping) plus uniform noise of
-    amplitude w^2, w = 100 divided by `decay` per level (larger decay = smoother haze)."""
-    m = torch.zeros(batch, size, size, dtype=torch.float64)
-    step, wibble = size, 100.0
-
-    def noisy_mean(total):
-        return total / 4 + wibble * wibble * (2 * _rand(total.shape, generator, "cpu").double() - 1)
-
-    while step >= 2:
-        half = step // 2
-        corners = m[:, ::step, ::step]
-        square = corners + corners.roll(-1, 1)
-        m[:, half::step, half::step] = noisy_mean(square + square.roll(-1, 2))          # square centres
-        centres = m[:, half::step, half::step]
-        m[:, ::step, half::step] = noisy_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
-        m[:, half::step, ::step] = noisy_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
-        step, wibble = half, wibble / decay
-    m -= m.amin((1, 2), keepdim=True)
-    return (m / m.amax((1, 2), keepdim=True)).float().to(device)
-
-
-def _fog(x, c, g):
-    strength, decay = c
-    b, _, h, w = x.shape
-    size = 2 ** math.ceil(math.log2(max(h, w, 2)))           # diamond-square needs a power of two
-    haze = plasma_fractal(b, size, decay, g, x.device)[:, None, :h, :w]
-    peak = x.amax((1, 2, 3), keepdim=True)                    # per image, before the haze
-    return (x + strength * haze) * peak / (peak + strength)
-
-
-def _brightness(x, c, g):
-    """HSV V -> clip(V + c): at fixed hue and saturation RGB scales with V, so rgb * V'/V (black
-    pixels, S = 0, become grey V')."""
-    v = x.amax(1, keepdim=True)
-    v_new = (v + c).clamp(0, 1)
-    return torch.where(v > 0, x * (v_new / v.clamp_min(1e-12)), v_new.expand_as(x))
-
-
-def _saturate(x, c, g):
-    """HSV S -> clip(S a + b) at fixed H, V: RGB = V - (S'/S) (V - rgb); a grey pixel (S = 0) has
-    hue 0 in skimage, so it turns red: (V, V (1 - S'), V (1 - S'))."""
-    a, b = c
-    v, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
-    delta = v - lo
-    s = torch.where(v > 0, delta / v.clamp_min(1e-12), torch.zeros_like(v))
-    s_new = (s * a + b).clamp(0, 1)
-    colour = v - (s_new * v / delta.clamp_min(1e-12)) * (v - x)      # S'/S = S' V / delta
-    grey = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], dim=1)
-    return torch.where(delta > 0, colour, grey)
-
-
-def _contrast(x, c, g):
-    mean = x.mean((2, 3), keepdim=True)                       # per image and channel
-    return (x - mean) * c + mean
-
-
-def box_resize_matrix(n_in, n_out):
-    """PIL's Image.BOX resampling n_in -> n_out as an (n_out, n_in) matrix: output pixel j averages,
-    with equal weights, the input pixels whose centres fall in its footprint (Pillow Resample.c)."""
-    scale = n_in / n_out
-    support = 0.5 * max(scale, 1.0)
-    a = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for j in range(n_out):
-        centre = (j + 0.5) * scale
-        for i in range(max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)):
-            t = (i - centre + 0.5) / max(scale, 1.0)
-            a[j, i] = 1.0 if -0.5 < t <= 0.5 else 0.0
-    return a / a.sum(1, keepdim=True)
-
-
-def _pixelate(x, c, g):
-    h, w = x.shape[-2:]
-    sh, sw = max(int(h * c), 1), max(int(w * c), 1)
-    rows = (box_resize_matrix(sh, h) @ box_resize_matrix(h, sh)).to(x.device, x.dtype)     # (H, H)
-    cols = (box_resize_matrix(sw, w) @ box_resize_matrix(w, sw)).to(x.device, x.dtype)     # (W, W)
-    return rows @ x @ cols.T
-
-
-def _jpeg_compression(x, c, g):
-    """Save and reload every image as a quality-c JPEG with PIL, as make_cifar_c does (uint8, on the
-    host; torchvision's encode_jpeg gives the same bytes but is deprecated since 0.29)."""
-    import io
-    from PIL import Image
-    decoded = []
-    for img in (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():  # (H, W, 3)
-        buffer = io.BytesIO()
-        Image.fromarray(img).save(buffer, "JPEG", quality=int(c))
-        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
-    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
-
-
-_CORRUPTION_FNS = {
-    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
-    "speckle_noise": _speckle_noise, "defocus_blur": _defocus_blur, "gaussian_blur": _gaussian_blur,
-    "fog": _fog, "brightness": _brightness, "contrast": _contrast, "saturate": _saturate,
-    "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
-}
-
-
-def corrupt(x, name, severity, generator=None):
-    """CIFAR-10-C corruption `name` at severity 1..5 of float images (B, 3, H, W) in [0, 1], on x's
-    device, clipped to [0, 1]. Random draws come from `generator` (on its own device)."""
-    if name not in _CORRUPTION_FNS:
-        raise ValueError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
-    if severity not in (1, 2, 3, 4, 5) or isinstance(severity, bool):
-        raise ValueError(f"severity={severity!r} must be an integer in 1..5")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(x.shape)}")
-    c = CORRUPTION_PARAMS[name][int(severity) - 1]
-    return _CORRUPTION_FNS[name](x, c, generator).clamp_(0, 1)
-
-
-def corruption_generator(seed, name, severity):
-    """The generator for one (corruption, severity): every model sees the same corrupted images, and
-    one corruption's images do not depend on which others ran."""
-    index = (CORRUPTIONS + EXTRA_CORRUPTIONS).index(name)
-    return torch.Generator().manual_seed(seed * 1000 + 10 * index + severity)
-
-
-def corrupt_split(split, name, severity, batch_size=256, generator=None):
-    """A Split of corrupted images, rounded to uint8 like the CIFAR-10-C files (which truncate)."""
-    out = []
-    for x, _ in batches(split, batch_size):
-        out.append(corrupt(x, name, severity, generator).mul_(255).round_().to(torch.uint8))
-    return Split(torch.cat(out), split.y)
-
-
-def corruption_accuracy(model, split, names=CORRUPTIONS, severities=(1, 2, 3, 4, 5), batch_size=256, seed=0,
-                        cifar10c=None):
-    """Clean accuracy (percent) under each corruption, the mean over severities, and "mean" over
-    the corruptions; "n" is the number of images behind each corruption's accuracy.
-
-    Without `cifar10c`, the corruptions of `split` are generated (seeded by `seed`, see
-    `corruption_generator`). With `cifar10c` (from `load_cifar10c`), its Splits are evaluated
-    instead, moved to `split`'s device; their severities are those loaded, equal counts each.
-    """
-    names = list(names)
-    result = {}
-    if cifar10c is None:
-        unknown = [n for n in names if n not in _CORRUPTION_FNS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {unknown}; choose from {list(_CORRUPTION_FNS)}")
-        for name in names:
-            accs = [evaluate(model, corrupt_split(split, name, s, batch_size, corruption_generator(seed, name, s)),
-                             attacks=(), batch_size=batch_size)["clean"] for s in severities]
-            result[name] = sum(accs) / len(accs)
-        n = len(split) * len(severities)
-    else:
-        missing = [n for n in names if n not in cifar10c]
-        if missing:
-            raise ValueError(f"corruption(s) {missing} not loaded; cifar10c holds {sorted(cifar10c)}")
-        for name in names:
-            result[name] = evaluate(model, cifar10c[name].to(split.x.device), attacks=(),
-                                    batch_size=batch_size)["clean"]
-        n = min(len(cifar10c[name]) for name in names)
-    result["mean"] = sum(result[name] for name in names) / len(names)
-    result["n"] = n
-    return result
-
-
-def load_cifar10c(directory, names, severities=(1, 2, 3, 4, 5), num=None):
-    """Read CIFAR-10-C (Hendrycks & Dietterich, zenodo.org/record/2535967) into {name: Split}.
-
-    `<name>.npy` is (50000, 32, 32, 3) uint8, 10,000 images per severity in order 1..5, labelled by
-    `labels.npy`. Each Split holds the first `num` images (all if None) of each requested severity,
-    in the order given. Files are memory-mapped, so only the chosen rows are read.
-    """
-    if any(s not in (1, 2, 3, 4, 5) for s in severities):
-        raise ValueError(f"severities={tuple(severities)!r} must be in 1..5")
-    if num is not None and num < 1:
-        raise ValueError(f"num={num!r} must be >= 1 (or None for all)")
-
-    def path_of(stem):
-        path = os.path.join(directory, f"{stem}.npy")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CIFAR-10-C file {path!r} not found; download CIFAR-10-C "
-                                    f"(zenodo.org/record/2535967) and pass its folder")
-        return path
-
-    labels = np.load(path_of("labels"))
-    out = {}
-    for name in names:
-        images = np.load(path_of(name), mmap_mode="r")
-        if len(images) != len(labels) or len(images) % 5:
-            raise ValueError(f"{path_of(name)!r} has {len(images)} images for {len(labels)} labels; "
-                             f"expected 5 equal severity blocks")
-        per = len(images) // 5
-        take = per if num is None else min(num, per)
-        index = np.concatenate([np.arange(take) + (s - 1) * per for s in severities])
-        out[name] = _to_split(np.asarray(images[index]), labels[index])
-    return out
-
-
-# =============================================================================
-# 7. Evaluation: clean, PGD-20, PGD-100, CW-inf, AutoAttack; NRR (Eq. 9); checkpoints
-# =============================================================================
-
-EVAL_ATTACKS = {  # name -> PGD arguments (step 2/255 unless given, random start; CW = PGD on the margin)
-    "pgd10": dict(steps=10, loss="ce"),
-    "pgd20": dict(steps=20, loss="ce"),
-    "pgd100": dict(steps=100, loss="ce"),
-    "cw": dict(steps=20, loss="cw"),
-    # The official CURE evaluation (NeurAI-Lab/CURE `utilities/adv_utils.py`, as TRADES' official
-    # one): 20 steps of 0.003, whatever eps. Its CW clamps the margin at a confidence of 50 logits,
-    # which only stops moving examples already misclassified by that much.
-    "pgd20_official": dict(steps=20, loss="ce", step_size=0.003),
-    "cw_official": dict(steps=20, loss="cw", step_size=0.003),
-}
-
-
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")   # Croce & Hein 2020, version "standard"
-
-
-def autoattack_package():
-    """Name of the importable AutoAttack package: "autoattack" (the official one, installed from
-    GitHub) or "pyautoattack" (its PyPI release); None when neither imports."""
-    for name in ("autoattack", "pyautoattack"):
-        try:
-            __import__(name)
-            return name
-        except ImportError:
-            pass
-    return None
-
-
-def autoattack_available():
-    """True when an AutoAttack package can be imported (see `autoattack_package`)."""
-    return autoattack_package() is not None
-
-
-def autoattack_one(model, x, y, eps, attack, seed=0, batch_size=256):
-    """Adversarial examples of one attack of AutoAttack's standard L-inf ensemble.
-
-    Drives whichever package imports through its own API (the two differ in keyword names and
-    return values). The attack keeps its standard-version settings; inputs are made contiguous
-    (pyautoattack's APGD-T calls .view on the input gradient) and the device is x's.
-    """
-    if attack not in AUTOATTACK_STANDARD:
-        raise ValueError(f"unknown AutoAttack attack {attack!r}; choose one of {list(AUTOATTACK_STANDARD)}")
-    package = autoattack_package()
-    if package is None:
-        raise ImportError("AutoAttack is not installed: pip install pyautoattack")
-    x, y = x.contiguous(), y.contiguous()
-    if package == "autoattack":
-        from autoattack import AutoAttack
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, verbose=False,
-                               device=x.device)
-        adversary.attacks_to_run = [attack]
-        return adversary.run_standard_evaluation(x, y, bs=batch_size)
-    from pyautoattack import AutoAttack
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
-    adversary.attacks_to_run = [attack]
-    return adversary.run_standard_evaluation(x, y, batch_size=batch_size)[0]
-
-
-def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None, rank=0, world_size=1):
-    """Per-example correctness (bool, (N,)) under AutoAttack, standard version, L-inf.
-
-    The four attacks run in order, each only on the examples that every earlier one failed to
-    fool, as AutoAttack's standard version does. With `state_path` the flags are saved (JSON,
-    atomically) after every batch, and a call with the same path continues an interrupted run
-    where it stopped. (pyautoattack 0.2.0's own `state_path` cannot resume: its restore branch
-    leaves `y_adv` unbound.) The model must be in eval mode.
-    Data parallel: the pending examples go in rounds of one batch per rank, and the flags are
-    gathered after each round, so every batch is the one a single process would attack; every
-    rank reads `state_path`, rank 0 alone writes it.
-    """
-    check_rank(rank, world_size)
-    n, device = len(y), y.device
-    fresh = dict(n=n, eps=eps, seed=seed, labels=y.tolist(), done=[], pending=None, flags=None)
-    state = fresh
-    if state_path is not None and os.path.exists(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-        if any(state.get(k) != fresh[k] for k in ("n", "eps", "seed", "labels")):
-            raise ValueError(f"AutoAttack state {state_path!r} belongs to another evaluation "
-                             f"(examples, eps or seed differ); delete it to start over")
-
-    def save():
-        if state_path is not None and rank == 0:
-            save_json(state_path, state)
-
-    def clean(out):                        # this rank's batches of the clean forward
-        for i in range(rank, math.ceil(n / batch_size), world_size):
-            part = slice(i * batch_size, (i + 1) * batch_size)
-            with torch.no_grad():
-                out[part] = model(x[part]).argmax(1) == y[part]
-
-    if state["flags"] is None:
-        state["flags"] = gather_shards(clean, n, world_size, device).bool().tolist()
-        save()
-    flags = torch.tensor(state["flags"], dtype=torch.bool, device=device)
-    for attack in AUTOATTACK_STANDARD:
-        if attack in state["done"]:
-            continue
-        if state["pending"] is None:       # this attack starts: every example still robust
-            state["pending"] = flags.nonzero().flatten().tolist()
-        while state["pending"]:
-            chunk = state["pending"][:batch_size * world_size]     # one batch per rank
-
-            def attack_mine(out):
-                mine = slice(rank * batch_size, (rank + 1) * batch_size)
-                idx = torch.tensor(chunk[mine], dtype=torch.long, device=device)
-                if len(idx):
-                    x_adv = autoattack_one(model, x[idx], y[idx], eps, attack, seed, batch_size)
-                    check_adversarial(x_adv, x[idx], eps)
-                    with torch.no_grad():
-                        out[mine] = model(x_adv).argmax(1) == y[idx]
-
-            still = gather_shards(attack_mine, len(chunk), world_size, device).bool()
-            flags[torch.tensor(chunk, device=device)] &= still
-            state["flags"], state["pending"] = flags.tolist(), state["pending"][len(chunk):]
-            save()
-        state["done"].append(attack)
-        state["pending"] = None
-        save()
-    return flags
-
-
-def check_adversarial(x_adv, x, eps):
-    """RobustBench's sanity checks: inside the eps-ball (with float slack), in [0, 1], no NaN."""
-    assert not torch.isnan(x_adv).any(), "adversarial examples contain NaN"
-    assert (x_adv - x).abs().max() <= eps + 1e-6, "adversarial examples leave the eps-ball"
-    assert x_adv.min() >= 0 and x_adv.max() <= 1, "adversarial examples leave [0, 1]"
-
-
-def percent(count, n):
-    """100 * count / n from integers: 94.0, not float32's 93.99999976158142."""
-    return 100 * int(count) / n if n else float("nan")
-
-
-def batch_generator(seed, index, device):
-    """The generator of the random start for batch `index`: the same whichever rank attacks it."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
-
-
-def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, batch_size=256,
-             autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None,
-             rank=0, world_size=1):
-    """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
-    worst case over every attack that covered the whole split.
-
-    `attacks` are names from EVAL_ATTACKS; each runs over the whole split before the next, and
-    `on_result(result)` is called with the result so far after each, so a caller can save it.
-    AutoAttack (standard, L-inf; see `autoattack_correct`, `aa_state_path` resumes it) runs last,
-    on the first `aa_size` examples (all if None): "autoattack", with "n_autoattack" images. An
-    attack that raises is recorded in "failed" ({name: "Type: message"}) and the others still run;
-    "robust" then covers the attacks that finished. Accuracies are 100 * count / n from the
-    integer "counts"; "n" is the split's size. The PGD random starts come from `batch_generator`
-    (seed, batch index), so two models evaluated with one seed get the same starts.
-    Data parallel: rank r attacks batches r, r + N, ...; the per-example flags are gathered after
-    each attack, so every rank returns what one process returns.
-    """
-    unknown = [a for a in attacks if a not in EVAL_ATTACKS]
-    if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(EVAL_ATTACKS)}")
-    if aa_size is not None and aa_size < 1:
-        raise ValueError(f"aa_size={aa_size!r} must be >= 1 (or None for the whole split)")
-    check_rank(rank, world_size)
-    was_training = model.training
-    model.eval()
-    n = len(split)
-    result, per_example = {"n": n, "counts": {}}, {}
-    total = len(range(rank, math.ceil(n / batch_size), world_size)) * (1 + len(attacks))   # this rank's
-    done = 0
-
-    def correct_under(name):
-        """Per-example correctness on the clean images, under one PGD attack, or under AutoAttack."""
-        if name == "autoattack":
-            part = split if aa_size is None or aa_size >= n else split.subset(slice(0, aa_size))
-            x_all, y_all = next(batches(part, len(part)))
-            return autoattack_correct(model, x_all, y_all, eps, batch_size, seed, aa_state_path, rank, world_size)
-
-        def attack_mine(out):
-            nonlocal done
-            for i, (x, y) in enumerate(batches(split, batch_size)):
-                if i % world_size != rank:
-                    continue                        # another rank's batch
-                if name != "clean":
-                    x_adv = pgd(model, x, y, eps, generator=batch_generator(seed, i, x.device),
-                                **{"step_size": step_size, **EVAL_ATTACKS[name]})
-                    check_adversarial(x_adv, x, eps)
-                    x = x_adv
-                with torch.no_grad():
-                    out[i * batch_size:i * batch_size + len(y)] = model(x).argmax(1) == y
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-
-        return gather_shards(attack_mine, n, world_size, split.y.device).bool()
-
-    try:
-        for name in ("clean", *attacks, *(("autoattack",) if autoattack else ())):
-            try:
-                correct = per_example[name] = correct_under(name)
-            except Exception as e:                  # keep what finished; name what failed
-                result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
-            else:
-                m = len(correct)
-                result["counts"][name] = int(correct.sum())
-                result[name] = percent(correct.sum(), m)
-                if name != "clean" and m == n:     # the worst case over attacks of the whole split
-                    worst = torch.stack([v for k, v in per_example.items() if k != "clean" and len(v) == n])
-                    result["robust"] = percent(worst.all(0).sum(), n)
-                if name == "autoattack":
-                    result["n_autoattack"] = m
-                    if m < n and "clean" in per_example:    # for NRR against AA on the same images
-                        result["clean_autoattack"] = percent(per_example["clean"][:m].sum(), m)
-            if on_result is not None:
-                on_result(result)
-    finally:
-        model.train(was_training)
-    return result
-
-
-def nrr(nat, rob):
-    """Natural-Robustness Ratio (Eq. 9): the harmonic mean 2 * Nat * Rob / (Nat + Rob)."""
-    return 0.0 if nat + rob == 0 else 2.0 * nat * rob / (nat + rob)
-
-
-def rng_state():
-    """Every random number generator's state, for exact `--resume`."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, **state):
-    """torch.save to `path` atomically: write a temporary file, then rename it over the old one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)   # atomic on POSIX: a killed run leaves the old file or the new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_json(path, obj):
-    """json.dump to `path` atomically (temporary file, then rename), like `save_checkpoint`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_state_dict_checked(model, state_dict, source="checkpoint", hint="check --model and --width"):
-    """Load weights, turning an architecture mismatch into a one-line ValueError that ends with `hint`."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else
-                  f"unexpected {unexpected[:3]}" if unexpected else
-                  f"shape of {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
-        raise ValueError(f"{source} does not fit this model ({detail}); {hint}")
-    model.load_state_dict(state_dict)
-
-
-# =============================================================================
-# 8. Data parallel: N processes (torchrun) that compute what one process computes
-# =============================================================================
-# Every rank holds the whole model and draws the same global batch; it computes the gradients
-# of its 1/N slice (`batches`), and the steps' `average` replaces them by the mean over the
-# ranks before the update: the gradient of the global batch's mean loss (BatchNorm aside: each
-# rank normalises with its slice's statistics). CURE averages its three gradients before the
-# mask (`cure_step`). Evaluation shards whole batches and gathers per-example flags
-# (`evaluate`). The functions below are the collectives; with world_size 1 they do nothing, so
-# one process never touches torch.distributed.
-
-def check_rank(rank, world_size):
-    """A ValueError naming the values unless world_size >= 1 and 0 <= rank < world_size."""
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"rank={rank!r}, world_size={world_size!r}: need an integer world_size >= 1 and "
-                         f"0 <= rank < world_size")
-
-
-def _check_group(world_size):
-    """A ValueError unless torch.distributed's default group has `world_size` ranks (else the means
-    would be divided by the wrong N)."""
-    if world_size < 1 or dist.get_world_size() != world_size:
-        raise ValueError(f"world_size={world_size!r}, but the process group has {dist.get_world_size()} ranks")
-
-
-def _flat_buckets(tensors):
-    """The tensors grouped by dtype, each group with one flat (contiguous) copy of its entries."""
-    groups = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    return [(group, torch.cat([t.reshape(-1) for t in group])) for group in groups.values()]
-
-
-def _unflatten_(group, flat):
-    torch._foreach_copy_(group, [f.view(t.shape) for t, f in zip(group, flat.split([t.numel() for t in group]))])
-
-
-def all_reduce_mean_(tensors, world_size):
-    """t <- (1/N) sum_r t^(r), in place, for every tensor: one all-reduce per dtype of a flat bucket."""
-    if world_size == 1:
-        return
-    _check_group(world_size)
-    for group, flat in _flat_buckets(tensors):
-        dist.all_reduce(flat)                 # the same bytes on every rank ...
-        flat.div_(world_size)                 # ... and the same division: ranks stay bit-identical
-        _unflatten_(group, flat)
-
-
-def broadcast_(tensors, world_size, src=0):
-    """t <- t^(src), in place, for every tensor: one broadcast per dtype of a flat bucket."""
-    if world_size == 1:
-        return
-    _check_group(world_size)
-    for group, flat in _flat_buckets(tensors):
-        dist.broadcast(flat, src)
-        _unflatten_(group, flat)
-
-
-def gradient_averager(model, world_size):
-    """The steps' `average` for `model` on `world_size` ranks (None for one): it replaces the
-    gradients handed to it, and the model's floating buffers (BatchNorm statistics, so that every
-    rank keeps the same ones), by their means over the ranks, in one all-reduce per dtype."""
-    check_rank(0, world_size)
-    if world_size == 1:
-        return None
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    return lambda tensors: all_reduce_mean_([*tensors, *buffers], world_size)
-
-
-def mean_over_ranks(value, world_size):
-    """The mean over the ranks of a 0-d tensor (a loss): a new tensor, the input untouched."""
-    value = value.detach().clone()
-    all_reduce_mean_([value], world_size)
-    return value
-
-
-def gather_shards(work, m, world_size, device):
-    """Run `work(out)`, which fills this rank's entries of `out` (int32, (m,), zeros elsewhere),
-    and sum `out` over the ranks: every rank gets every entry. An exception on one rank is raised
-    on all of them (after the all-reduce, so no rank is left waiting in it)."""
-    if world_size > 1:
-        _check_group(world_size)
-    out = torch.zeros(m + 1, dtype=torch.int32, device=device)   # the last entry counts failed ranks
-    error = None
-    try:
-        work(out[:m])
-    except Exception as e:
-        if world_size == 1:
-            raise
-        error, out[m] = e, 1
-    if world_size > 1:
-        dist.all_reduce(out)
-        if error is not None:
-            raise error
-        if out[m]:
-            raise RuntimeError(f"{int(out[m])} other rank(s) failed here; see their messages")
-    return out[:m]

@@ -28,10 +28,10 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import robust_ft as rf
 
@@ -50,7 +50,7 @@ PRESETS = {
         val_size=1000,                 # ... minus 1,000 images for selection (never the test split)
         test_size=None,                # evaluate on the full test split
         epoch_eval_size=1000,          # per-epoch clean/PGD-20 on this many validation images
-        attack_steps=10,               # training attack: PGD-10, step eps/4 (spec)
+        attack_steps=10,               # training attack: PGD-10, step eps/4 = 2/255 (Madry et al., TRADES)
         attacks="pgd20,pgd100,cw",     # final evaluation, then AutoAttack (standard) ...
         aa_size=None,                  # ... on the whole test split
         rift_epochs=10,                # RiFT fine-tuning: 10 epochs, lr 1e-3 (/10 after 5)
@@ -75,7 +75,7 @@ WEIGHT_DECAY = {  # per method, from each method's paper / official code
     "natural": 5e-4, "at": 5e-4,       # Rice et al. 2020
     "trades": 2e-4,                    # TRADES official code
     "cure": 5e-3,                      # CURE Table 9
-    "rift": 5e-4,                      # RiFT spec (fine-tuning)
+    "rift": 5e-4,                      # RiFT fine-tuning (Sec. 4)
 }
 
 
@@ -235,7 +235,7 @@ def resolve(args):
         args.out = os.path.join("runs", f"{args.method}_{args.dataset}" +
                                 ("" if args.method == "bench" else f"_{args.zoo or args.model}"))
     args.eps_px = args.eps / 255          # divided by 255 once, here
-    args.step_px = args.eps_px / 4        # training attack step eps/4 (spec)
+    args.step_px = args.eps_px / 4        # training attack step eps/4 = 2/255 (Madry et al., TRADES)
     return args
 
 
@@ -268,9 +268,9 @@ def setup_distributed(args):
         args.device = f"cuda:{args.local_rank}"
     args.backend = "nccl" if cuda else "gloo"
     # The optimisers import torch._dynamo at their first step. Imported while a process group exists,
-    # it adds references to the group (10 on torch 2.15) that destroy_process_group() does not drop:
-    # gloo's threads then outlive the group and can abort the process at exit ("terminate called
-    # without an active exception"). Imported before the group exists, it holds none.
+    # it keeps references to the group that destroy_process_group() does not drop (torch 2.6 to 2.15
+    # at least), so gloo's threads outlive the group and can abort the process at exit ("terminate
+    # called without an active exception"). Imported before the group exists, it holds none.
     importlib.import_module("torch._dynamo")
     dist.init_process_group(args.backend)
     if args.rank > 0:
@@ -303,20 +303,28 @@ def from_rank0(args, obj):
 # -----------------------------------------------------------------------------
 
 class Progress:
-    """Prints `label [i/n] elapsed ETA` to stderr at most twice a second."""
+    """Progress of a loop on stderr: on a terminal `label [i/n] elapsed ETA`, rewritten in place at
+    most twice a second; otherwise (nohup, slurm, torchrun logs) a plain line every 5% of the loop,
+    so a log file holds about 20 lines per loop instead of a carriage-return update per step."""
 
-    def __init__(self, label):
-        self.label, self.start, self.last = label, time.time(), 0.0
+    def __init__(self, label, interactive=None):
+        self.label, self.start, self.last, self.step = label, time.time(), 0.0, -1
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
 
     def __call__(self, i, n):
         now = time.time()
-        if now - self.last < 0.5 and i < n:
+        if self.interactive and now - self.last < 0.5 and i < n:
             return
-        self.last = now
+        step = i * 20 // n                                   # 5% steps
+        if not self.interactive and step == self.step:
+            return
+        self.last, self.step = now, step
         elapsed = now - self.start
-        eta = elapsed / i * (n - i)
-        end = "\n" if i == n else ""
-        print(f"\r{self.label} [{i}/{n}] {elapsed:.0f}s, ETA {eta:.0f}s   ", end=end, file=sys.stderr, flush=True)
+        line = f"{self.label} [{i}/{n}] {elapsed:.0f}s, ETA {elapsed / i * (n - i):.0f}s"
+        if self.interactive:
+            print(f"\r{line}   ", end="\n" if i == n else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def cpu_name():
@@ -407,7 +415,10 @@ def setup_data(args):
     first = args.local_rank == 0
     if args.world_size > 1 and not first:
         dist.barrier()
-    data = rf.load_data(args.dataset, args.data_dir, args.holdout_per_class, seed=args.seed)
+    try:
+        data = rf.load_data(args.dataset, args.data_dir, args.holdout_per_class, seed=args.seed)
+    except RuntimeError as e:              # no download and no local copy: name the flag
+        raise UsageError(f"{e} (--data-dir {args.data_dir})") from None
     if args.world_size > 1 and first:
         dist.barrier()
     train, val = rf.split_validation(data.train, args.val_size, seed=args.seed)
@@ -514,7 +525,14 @@ def setup_device(args):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    return dict(cudnn_benchmark=cuda, tf32=cuda and args.tf32, channels_last=args.channels_last, amp=args.amp)
+    # On a CPU, channels_last is only the GPU path checked: oneDNN's backward of a strided 1x1
+    # convolution in channels_last (ResNet shortcuts) aborts with a double free on some x86 CPUs
+    # (seen on an AMD EPYC with torch 2.14.1 and 2.15.0), so it runs on PyTorch's own kernels there.
+    onednn = cuda or not args.channels_last
+    if not cuda:
+        torch.backends.mkldnn.enabled = onednn
+    return dict(cudnn_benchmark=cuda, tf32=cuda and args.tf32, channels_last=args.channels_last, amp=args.amp,
+                onednn=onednn)
 
 
 def mask_function(device):
@@ -536,7 +554,7 @@ def autocast(amp, device):
     and so the training attack, run in bf16; parameters, their gradients and the optimiser stay float32.
 
     The cast-weight cache is off: the TRADES/CURE attack's first forward runs under no_grad, and
-    older PyTorch (2.6 here) then reuses those detached casts in the training forward, so the
+    PyTorch 2.6 then reuses those detached casts in the training forward, so the
     parameters get no gradient (autograd.grad raises; backward() leaves .grad None, silently).
     """
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16",
@@ -558,25 +576,35 @@ def with_amp(step, amp, device):
 # Training: one loop for natural, AT, TRADES and CURE
 # -----------------------------------------------------------------------------
 
-def method_step(args, method, cure_state=None, average=None):
-    """The per-batch step for `method`, a function (model, optimizer, x, y) -> loss; `average` is
-    `rf.gradient_averager`'s (None in one process)."""
-    eps, step, k = args.eps_px, args.step_px, args.attack_steps
+@dataclass
+class CureRun:
+    """What a CURE run carries from step to step besides the model and the optimiser."""
+    cfg: rf.CureConfig
+    revision: rf.Revision
+    schedule: rf.CureSchedule
+    coin: torch.Generator          # the revision draws (seeded alike on every rank)
+    mask_fn: object                # rf.rgp_mask_ or the fused kernels' checked dispatcher
+    updated: dict = field(default_factory=dict)   # updated entries per masked tensor, this epoch
+
+
+def cure_run(cfg, model, total_steps, seed, device):
+    """A fresh CureRun for a run of `total_steps` CURE steps from `model`."""
+    return CureRun(cfg, rf.cure_revision(model, cfg), rf.CureSchedule.for_run(cfg, total_steps),
+                   torch.Generator().manual_seed(seed), mask_function(device))
+
+
+def method_step(args, method, cure=None, average=None):
+    """The per-batch step for `method`, a function (model, optimizer, x, y) -> loss; `cure` is the
+    CureRun of a CURE run; `average` is `rf.gradient_averager`'s (None in one process)."""
+    eps, step_size, k = args.eps_px, args.step_px, args.attack_steps
     if method == "natural":
         return lambda m, o, x, y: rf.natural_step(m, o, x, y, average)
     if method == "at":
-        return lambda m, o, x, y: rf.at_step(m, o, x, y, eps, step, k, average)
+        return lambda m, o, x, y: rf.at_step(m, o, x, y, eps, step_size, k, average)
     if method == "trades":
-        return lambda m, o, x, y: rf.trades_step(m, o, x, y, eps, step, k, args.beta, average)
-    s = cure_state
-
-    def step_cure(m, o, x, y):
-        loss = rf.cure_step(m, o, x, y, s["revision"], s["cfg"], s["decay"],
-                            rf.cure_rate(s["cfg"], s["step"] / s["total_steps"]), s["step"],
-                            s["generator"], eps, step, k, s["mask_fn"], s["updated"], average)
-        s["step"] += 1
-        return loss
-    return step_cure
+        return lambda m, o, x, y: rf.trades_step(m, o, x, y, eps, step_size, k, args.beta, average)
+    return lambda m, o, x, y: rf.cure_step(m, o, x, y, cure.revision, cure.cfg, cure.schedule, cure.coin,
+                                           eps, step_size, k, cure.mask_fn, cure.updated, average)
 
 
 def cure_config(args, model):
@@ -615,16 +643,13 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     optimizer = rf.make_optimizer(model, args.lr, weight_decay)
     generator = torch.Generator().manual_seed(args.seed)            # data order and augmentation
     steps_per_epoch = max(1, len(train_split) // args.batch_size)
-    cure_state = None
+    cure = None
     if method == "cure":
         cfg = cure_config(args, model)
         total = (epochs - args.warmup_epochs) * steps_per_epoch       # CURE steps: r_t reaches r/10 at the end
-        decay = rf.revision_decay(cfg.decay, cfg.rate, total)
-        cure_state = dict(cfg=cfg, revision=rf.cure_revision(model, cfg), decay=decay, step=0, total_steps=total,
-                          generator=torch.Generator().manual_seed(args.seed + 1),
-                          mask_fn=mask_function(args.device), updated={})
+        cure = cure_run(cfg, model, total, args.seed + 1, args.device)
         print(f"CURE ({cfg.variant} variant): p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
-              f"r={cfg.rate} d={decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
+              f"r={cfg.rate} d={cure.schedule.decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
     record = dict(log=[], epoch_seconds=[], best=None)
     start_epoch = 0
     if args.resume and os.path.exists(ckpt_path):
@@ -635,36 +660,36 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         restore_rng(args, ck)
         record = ck["record"]
         start_epoch = ck["epoch"]
-        if cure_state is not None:
-            cure_state["revision"].model.load_state_dict(ck["revision"])
-            cure_state["revision"].updates = ck["revision_updates"]
-            cure_state["generator"].set_state(ck["revision_generator"])
-            cure_state["step"] = ck["cure_step"]
+        if cure is not None:
+            cure.revision.model.load_state_dict(ck["revision"])
+            cure.revision.updates = ck["revision_updates"]
+            cure.coin.set_state(ck["revision_generator"])
+            cure.schedule.t = ck["cure_step"]
         print(f"resumed {out} at epoch {start_epoch}/{epochs}", file=sys.stderr)
-    step_fn = method_step(args, method, cure_state, average)
+    step_fn = method_step(args, method, cure, average)
     shard = dict(rank=args.rank, world_size=args.world_size)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         lr = rf.step_lr(args.lr, epoch, epochs)
         warm = method == "cure" and epoch < args.warmup_epochs               # CURE-Eff warm-up
         fn = with_amp(method_step(args, "natural", average=average) if warm else step_fn, args.amp, args.device)
-        if cure_state is not None:
-            cure_state["updated"] = {}
+        if cure is not None:
+            cure.updated.clear()
         loss = rf.train_epoch(model, optimizer, fn, train_split, args.batch_size, lr, generator,
                               Progress(f"{method} epoch {epoch + 1}/{epochs}"), **shard)
         seconds = time.time() - t0
         entry = dict(epoch=epoch + 1, lr=lr, loss=loss, seconds=seconds)
         eval_split = val.subset(slice(0, args.epoch_eval_size))
         entry["val"] = rf.evaluate(model, eval_split, ["pgd20"], args.eps_px, seed=args.seed, **shard)
-        if cure_state is not None:
+        if cure is not None:
             if warm:
-                cure_state["revision"] = rf.cure_revision(model, cure_state["cfg"])   # revise from where AT starts
+                cure.revision = rf.cure_revision(model, cure.cfg)    # revise from where adversarial training starts
             else:
-                entry["val_revision"] = rf.evaluate(cure_state["revision"].model, eval_split, ["pgd20"], args.eps_px,
+                entry["val_revision"] = rf.evaluate(cure.revision.model, eval_split, ["pgd20"], args.eps_px,
                                                     seed=args.seed, **shard)
                 numel = dict(rf.masked_parameters(model))
                 entry["updated_fraction"] = {n: float(c) / (numel[n].numel() * steps_per_epoch)
-                                             for n, c in cure_state["updated"].items()}
+                                             for n, c in cure.updated.items()}
         record["log"].append(entry)
         record["epoch_seconds"].append(seconds)
         key = "clean" if method == "natural" else "pgd20"   # selection metric on the validation split
@@ -685,16 +710,15 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
                      generator=generator.get_state(), rng=rng, rng_per_rank=rng_per_rank, record=record,
                      config=config_record(args, method), method=method)
-        if cure_state is not None:
-            state.update(revision=cure_state["revision"].model.state_dict(),
-                         revision_updates=cure_state["revision"].updates,
-                         revision_generator=cure_state["generator"].get_state(), cure_step=cure_state["step"])
+        if cure is not None:
+            state.update(revision=cure.revision.model.state_dict(), revision_updates=cure.revision.updates,
+                         revision_generator=cure.coin.get_state(), cure_step=cure.schedule.t)
         if writer(args):
             rf.save_checkpoint(ckpt_path, **state)
     # which RGP mask path ran in this process (CURE only): fused, plain, or plain after a mismatch
-    record["mask_path"] = None if cure_state is None else (
-        "official (plain)" if cure_state["cfg"].variant == "official" else mask_path(cure_state["mask_fn"]))
-    return model, (cure_state["revision"] if cure_state else None), record
+    record["mask_path"] = None if cure is None else (
+        "official (plain)" if cure.cfg.variant == "official" else mask_path(cure.mask_fn))
+    return model, (cure.revision if cure else None), record
 
 
 def restore_rng(args, ck):
@@ -808,61 +832,36 @@ def cmd_rift(args):
         raise UsageError("rift needs --init CKPT (an AT, TRADES or CURE checkpoint) or --init robustbench:NAME")
     data, train_split, val, test = setup_data(args)
     model = setup_model(args, data).eval()
-    rf.broadcast_(list(model.state_dict().values()), args.world_size)
-    candidates = rf.rift_modules(model)
-    eps, step = args.eps_px, args.step_px
+    rf.broadcast_(list(model.state_dict().values()), args.world_size)      # one start on every rank
+    if args.module is not None and args.module not in rf.rift_modules(model):
+        raise UsageError(f"unknown --module {args.module!r}; choose one of {rf.rift_modules(model)}")
     shard = dict(rank=args.rank, world_size=args.world_size)
     result = dict(method="rift", checkpoint=args.init, dataset=args.dataset, **model_record(args),
                   device=str(args.device), world_size=args.world_size, backend=args.backend)
-    if args.module is not None:
-        if args.module not in candidates:
-            raise UsageError(f"unknown module {args.module!r}; choose one of {candidates}")
-        module = args.module
-    else:
-        # Robust loss on a fixed set of adversarial training examples (PGD-10, CE), made once.
-        # Under torchrun every rank computes the whole MRC table (it is not sharded).
-        torch.manual_seed(args.seed)
-        fixed = train_split.subset(slice(0, args.mrc_size))
-        x, y = next(rf.batches(fixed, len(fixed)))
-        x_adv = torch.cat([rf.pgd(model, xb, yb, eps, step, 10) for xb, yb in
-                           zip(x.split(args.batch_size), y.split(args.batch_size))])
-        mrc = rf.module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, variant=args.mrc_variant,
-                                           progress=Progress("MRC"),
+    if args.mrc_only:                  # the ranking alone (every rank computes it: it is not sharded)
+        x_adv, y = rf.rift_adversarial_set(model, train_split, args.mrc_size, args.eps_px, args.step_px,
+                                           batch_size=args.batch_size, seed=args.seed)
+        mrc = rf.module_robust_criticality(model, x_adv, y, variant=args.mrc_variant, progress=Progress("MRC"),
                                            generator=torch.Generator().manual_seed(args.seed))
-        ranking = sorted(mrc.items(), key=lambda kv: kv[1])
-        print("MRC ranking (lowest = non-robust-critical):", file=sys.stderr)
-        for name, value in ranking:
-            print(f"  {value:10.5f}  {name}", file=sys.stderr)
-        result.update(mrc=dict(ranking), mrc_examples=len(fixed))
-        module = from_rank0(args, rf.non_robust_critical_module(mrc))
-        if args.mrc_only:
-            result.update(module=module, wall_seconds=time.time() - start)
-            return finish(args, result)
-    result["module"] = module
-    print(f"fine-tuning {module} for {args.rift_epochs} epochs", file=sys.stderr)
-    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        mrc = dict(sorted(mrc.items(), key=lambda kv: kv[1]))
+        print_mrc(mrc)
+        result.update(mrc=mrc, mrc_examples=len(y), module=from_rank0(args, rf.non_robust_critical_module(mrc)),
+                      wall_seconds=time.time() - start)
+        return finish(args, result)
+    bars = {}
+    found = rf.rift(model, train_split, val, args.module, args.eps_px, args.step_px, args.mrc_size,
+                    mrc_variant=args.mrc_variant, epochs=args.rift_epochs, lr=args.lr if args.lr_given else 1e-3,
+                    weight_decay=args.weight_decay, batch_size=args.batch_size, tolerance=args.tolerance,
+                    seed=args.seed, progress=lambda stage, i, n: bars.setdefault(stage, Progress(stage))(i, n),
+                    **shard)
+    if found.mrc:
+        print_mrc(found.mrc)
+        result.update(mrc=found.mrc, mrc_examples=min(args.mrc_size, len(train_split)))
     tuned = copy.deepcopy(model)
-    rf.finetune_module(tuned, module, train_split, epochs=args.rift_epochs,
-                       lr=args.lr if args.lr_given else 1e-3, weight_decay=args.weight_decay,
-                       batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
-                       progress=Progress(f"fine-tune {module}"), **shard,
-                       average=None if args.world_size == 1 else
-                       lambda grads: rf.all_reduce_mean_(grads, args.world_size))   # eval mode: no BN buffer moves
-    tuned_state = tuned.state_dict()
-    table = []
-    probe = copy.deepcopy(model)
-    for alpha in rf.RIFT_ALPHAS:                       # selection on the validation split, never test
-        probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
-        v = rf.evaluate(probe, val, ["pgd10"], eps, seed=args.seed, **shard)    # the paper selects with PGD-10
-        table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"]))
-        print(f"  alpha {alpha:.1f}: val clean {v['clean']:.2f}%  PGD-10 {v['pgd10']:.2f}%  (n={v['n']})",
-              file=sys.stderr)
-    alpha = rf.select_alpha(table, args.tolerance)
-    probe.load_state_dict(rf.interpolate(start_state, tuned_state, alpha))
-    cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, (1, 2, 3, 4, 5), num=args.test_size) \
-        if args.cifar10c else None
-    result.update(alphas=table, alpha=alpha, tolerance=args.tolerance)
-    for key, m in (("before", model), ("after", probe)):   # one seed: the same random starts, paired
+    tuned.load_state_dict(found.state)
+    result.update(module=found.module, alphas=found.alphas, alpha=found.alpha, tolerance=args.tolerance)
+    cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, num=args.test_size) if args.cifar10c else None
+    for key, m in (("before", model), ("after", tuned)):   # one seed: the same random starts, paired
         evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
         result[key]["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
     result.update(test=result["after"], wall_seconds=time.time() - start)
@@ -870,33 +869,46 @@ def cmd_rift(args):
         result["state_dict"] = os.path.join(args.out, "model.pt")
     if writer(args):
         os.makedirs(args.out, exist_ok=True)
-        rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=probe.state_dict(), alpha=alpha,
-                           module=module, config=config_record(args, "rift"))
+        rf.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model=found.state, alpha=found.alpha,
+                           module=found.module, config=config_record(args, "rift"))
         if args.zoo:
-            rf.save_checkpoint(result["state_dict"], **{k: v.detach().cpu().contiguous()
-                                                        for k, v in probe.state_dict().items()})
-    print(f"RiFT on {module}: alpha {alpha}", file=sys.stderr)
+            rf.save_checkpoint(result["state_dict"],
+                               **{k: v.detach().cpu().contiguous() for k, v in found.state.items()})
+    print_rift(result)
+    return finish(args, result)
+
+
+def print_mrc(mrc):
+    print("MRC ranking (lowest = non-robust-critical):", file=sys.stderr)
+    for name, value in mrc.items():
+        print(f"  {value:10.5f}  {name}", file=sys.stderr)
+
+
+def print_rift(result):
+    """The alpha sweep on the validation split, then before/after on the test split."""
+    for row in result["alphas"]:
+        print(f"  alpha {row['alpha']:.1f}: val clean {row['clean']:.2f}%  PGD-10 {row['robust']:.2f}%",
+              file=sys.stderr)
+    print(f"RiFT on {result['module']}: alpha {result['alpha']}", file=sys.stderr)
     print(f"{'':8}{'clean':>8}{'PGD-20':>8}{'CW':>8}{'corrupt':>9}", file=sys.stderr)
     for label in ("before", "after"):
         r = result[label]
         print(f"{label:8}{r['clean']:8.2f}{r.get('pgd20', float('nan')):8.2f}{r.get('cw', float('nan')):8.2f}"
               f"{r['corruption']:9.2f}", file=sys.stderr)
-    return finish(args, result)
 
 
 # -----------------------------------------------------------------------------
 # Benchmarks: `bench step` (TRADES vs CURE step) and `bench mask` (fused vs plain RGP mask)
 # -----------------------------------------------------------------------------
 
-def official_style_cure_step(model, optimizer, x, y, revision, cfg, decay, rate, step, generator,
-                             eps, step_size, steps):
-    """The official CURE code's structure, re-created for the benchmark (same maths as ours):
+def official_style_cure_step(model, optimizer, x, y, revision, cfg, schedule, coin, eps, step_size, steps):
+    """The official CURE code's structure, RE-CREATED FOR THE BENCHMARK (the paper variant's maths):
     four backward passes (CE nat, CE adv, KL, L_CR) into .grad with copies in between, and a
-    NumPy percentile per tensor after a device-to-host copy of every gradient."""
+    NumPy percentile per tensor after a device-to-host copy of every gradient. The one place in
+    run.py that differentiates by itself: it times the official structure, not ours."""
     import kernels
     x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
-    with torch.no_grad():
-        rev_nat, rev_adv = revision.targets(x, x_adv)
+    rev_nat, rev_adv = revision.targets(x, x_adv)
     logits_nat, logits_adv = model(x), model(x_adv)
     terms = [torch.nn.functional.cross_entropy(logits_nat, y), torch.nn.functional.cross_entropy(logits_adv, y),
              cfg.beta * torch.nn.functional.kl_div(torch.log_softmax(logits_adv, 1), torch.softmax(logits_nat, 1),
@@ -914,7 +926,8 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, decay, rate,
     kernels.numpy_rgp_mask_([params[i].grad for i in masked], [grads[0][i] for i in masked],
                             [grads[1][i] for i in masked], cfg.alpha, cfg.percentile)
     optimizer.step()
-    revision.maybe_update_(model, decay, rate, step, generator)
+    revision.maybe_update_(model, schedule.decay, schedule.rate(cfg), schedule.t, coin)
+    schedule.t += 1
     return (terms[0] + terms[2] + terms[3]).detach()
 
 
@@ -966,50 +979,29 @@ class PhaseTimer:
 
 
 def trades_step_phases(model, opt, x, y, eps, step_size, steps, beta, timer):
-    """`rf.trades_step`, phase by phase (the same calls in the same order)."""
+    """`rf.trades_step`'s parts, each timed: the attack, the loss's forwards, backward and SGD."""
     timer.start()
     x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
     timer("attack")
     loss = rf.trades_loss(model(x), model(x_adv), y, beta)
     timer("forwards")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    timer("backward (all)")
-    opt.step()
-    timer("optimiser")
+    rf.sgd_update(model, opt, loss)
+    timer("backward, optimiser")
 
 
-def cure_step_phases(model, opt, x, y, revision, cfg, mask_fn, eps, step_size, steps, generator, timer):
-    """`rf.cure_step` (with `rf.cure_gradients` inlined), phase by phase: the same calls in order."""
+def cure_step_phases(model, opt, x, y, cure, eps, step_size, steps, timer):
+    """`rf.cure_step`'s parts, each timed: attack, revision targets, gradients, mask, update."""
     timer.start()
     x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
     timer("attack")
-    with torch.no_grad():
-        rev_nat, rev_adv = revision.targets(x, x_adv)
+    rev_nat, rev_adv = cure.revision.targets(x, x_adv)
     timer("revision forwards")
-    params = [p for p in model.parameters() if p.requires_grad]
-    logits_nat, logits_adv = model(x), model(x_adv)
-    ce_nat, ce_adv = F.cross_entropy(logits_nat, y), F.cross_entropy(logits_adv, y)
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
-    rest = cfg.beta * kl + cfg.gamma * (rf.consistency_loss(logits_nat, rev_nat) + rf.consistency_loss(logits_adv, rev_adv))
-    timer("forwards")
-    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    timer("backward CE(x)")
-    g_adv = torch.autograd.grad(ce_adv, params, retain_graph=True)
-    timer("backward CE(x_adv)")
-    g_rest = torch.autograd.grad(rest, params)
-    timer("backward rest")
-    g = torch._foreach_add(g_nat, g_rest)
-    index = {id(p): i for i, p in enumerate(params)}
-    sel = [index[id(p)] for _, p in rf.masked_parameters(model, cfg.exclude) if id(p) in index]
-    mask_fn([g[i] for i in sel], [g_nat[i] for i in sel], [g_adv[i] for i in sel], cfg.alpha, cfg.percentile)
+    g, g_nat, g_score, _ = rf.cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cure.cfg)
+    timer("forwards, 3 backward passes")
+    rf.cure_mask_(model, g, g_nat, g_score, cure.cfg, cure.mask_fn)
     timer("mask")
-    for p, gi in zip(params, g):
-        p.grad = gi
-    opt.step()
-    timer("optimiser")
-    revision.maybe_update_(model, 0.999, 0.2, 100, generator)
-    timer("revision update")
+    rf.cure_update_(model, opt, g, cure.revision, cure.cfg, cure.schedule, cure.coin)
+    timer("optimiser, revision update")
 
 
 def report_mask(models, width_scale, batch, device, reps):
@@ -1021,11 +1013,12 @@ def report_mask(models, width_scale, batch, device, reps):
         width = max(1, round(rf.MODELS[name][1] * width_scale))
         model = rf.build_model(name, 10, width).to(device).train()
         x, y = torch.rand(batch, 3, 32, 32, device=device), torch.randint(10, (batch,), device=device)
-        params = [p for _, p in rf.masked_parameters(model)]
-        g_nat = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        g_adv = torch.autograd.grad(F.cross_entropy(model((x + 8 / 255 * torch.randn_like(x)).clamp(0, 1)), y), params)
-        rows[name] = dict(width=width, **kernels.bench_mask_row([g.clone() for g in g_nat], list(g_nat), list(g_adv),
-                                                                reps=reps))
+        x_adv = (x + 8 / 255 * torch.randn_like(x)).clamp(0, 1)
+        cfg = rf.cure_defaults(name, "cifar10")
+        g, g_nat, g_adv, _ = rf.cure_gradients(model, x, x_adv, y, *rf.Revision(model).targets(x, x_adv), cfg)
+        sel = [i for _, i in rf.cure_masked(model, cfg)]
+        rows[name] = dict(width=width, **kernels.bench_mask_row([g[i] for i in sel], [g_nat[i] for i in sel],
+                                                                [g_adv[i] for i in sel], reps=reps))
     return rows
 
 
@@ -1035,20 +1028,19 @@ def report_steps(args, width, batch, reps, sync, amp):
     model = setup_model_for_bench(args, width)
     x, y = torch.rand(batch, 3, 32, 32, device=args.device), torch.randint(10, (batch,), device=args.device)
     opt = rf.make_optimizer(model, 0.01, 5e-4)
-    cfg = rf.cure_defaults(args.model, "cifar10")
-    revision, gen = rf.Revision(model), torch.Generator().manual_seed(0)
-    eps, step, k = args.eps_px, args.step_px, args.attack_steps
-    mask_fn = mask_function(args.device)
+    # a paper-length run's schedule (d = 0.999), so the revision decay is the paper's
+    cure = cure_run(rf.cure_defaults(args.model, "cifar10"), model, rf.PAPER_STEPS, 0, args.device)
+    eps, step_size, k = args.eps_px, args.step_px, args.attack_steps
     steps = {
-        "trades": lambda: rf.trades_step(model, opt, x, y, eps, step, k, 6.0),
-        "cure": lambda: rf.cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100, gen, eps, step, k, mask_fn),
-        "cure_official": lambda: official_style_cure_step(model, opt, x, y, revision, cfg, 0.999, 0.2, 100,
-                                                          gen, eps, step, k),
+        "trades": lambda: rf.trades_step(model, opt, x, y, eps, step_size, k, 6.0),
+        "cure": lambda: rf.cure_step(model, opt, x, y, cure.revision, cure.cfg, cure.schedule, cure.coin,
+                                     eps, step_size, k, cure.mask_fn),
+        "cure_official": lambda: official_style_cure_step(model, opt, x, y, cure.revision, cure.cfg, cure.schedule,
+                                                          cure.coin, eps, step_size, k),
     }
     phases = {"trades": PhaseTimer(sync), "cure": PhaseTimer(sync)}
-    phased = {"trades": lambda: trades_step_phases(model, opt, x, y, eps, step, k, 6.0, phases["trades"]),
-              "cure": lambda: cure_step_phases(model, opt, x, y, revision, cfg, mask_fn, eps, step, k, gen,
-                                               phases["cure"])}
+    phased = {"trades": lambda: trades_step_phases(model, opt, x, y, eps, step_size, k, 6.0, phases["trades"]),
+              "cure": lambda: cure_step_phases(model, opt, x, y, cure, eps, step_size, k, phases["cure"])}
     times = {name: [] for name in steps}
     # 2 warm-up rounds; candidates interleaved, so that background load or clock changes hit all alike
     for rep in range(-2, reps):
@@ -1084,10 +1076,8 @@ def report_throughput(args, name, width, batch, steps, sync):
         torch.manual_seed(args.seed)
         model = setup_model_for_bench(args, width, name)
         opt = rf.make_optimizer(model, 0.01, 5e-4)
-        cure_state = dict(cfg=rf.cure_defaults(name, "cifar10"), revision=rf.Revision(model), decay=0.999,
-                          step=0, total_steps=steps, generator=torch.Generator().manual_seed(0),
-                          mask_fn=mask_function(args.device), updated={})
-        fn = with_amp(method_step(args, method, cure_state), args.amp, args.device)
+        cure = cure_run(rf.cure_defaults(name, "cifar10"), model, steps, 0, args.device)
+        fn = with_amp(method_step(args, method, cure), args.amp, args.device)
         gen = torch.Generator().manual_seed(0)
         rf.train_epoch(model, opt, fn, split.subset(slice(0, batch)), batch, 0.01, gen)     # warm-up
         sync()
@@ -1249,8 +1239,8 @@ def cmd_compare(args):
                    epochs=args.epochs, natural_epochs=args.natural_epochs, seed=args.seed,
                    device=str(args.device), rows=rows)
     if args.ablation:
-        results["paper_table7"] = {ABLATION[k][0]: dict(zip(("clean", "pgd20", "cw", "autoattack", "nrr_autoattack"), v))
-                                   for k, v in PAPER_TABLE7.items()}
+        columns = ("clean", "pgd20", "cw", "autoattack", "nrr_autoattack")
+        results["paper_table7"] = {ABLATION[k][0]: dict(zip(columns, v)) for k, v in PAPER_TABLE7.items()}
     plots = []
     if writer(args):
         rf.save_json(os.path.join(args.out, "results.json"), results)
@@ -1289,7 +1279,8 @@ def results_table(results):
     cols = [("clean", "Clean"), ("pgd20", "PGD-20"), ("pgd100", "PGD-100"), ("cw", "CW-inf"),
             ("autoattack", "AutoAttack"), ("nrr", "NRR (Eq. 9, CW)"), ("nrr_autoattack", "NRR (AA)"),
             ("minutes", "wall-clock min")]
-    cols += [(k, label) for k, label in (("pgd20_official", "PGD-20, official step"), ("cw_official", "CW, official step"))
+    official = (("pgd20_official", "PGD-20, official step"), ("cw_official", "CW, official step"))
+    cols += [(k, label) for k, label in official
              if any(table_row(m)[k] is not None for m in results["rows"].values())]    # when evaluated
     first = table_row(next(iter(results["rows"].values())))
     aa_n = first["n_autoattack"]
@@ -1343,7 +1334,8 @@ def make_plots(out, rows, methods):
     fig, ax = plt.subplots(figsize=(5, 4))                       # Figure 5c: robust accuracy per epoch
     for m in methods:
         log = read_log(os.path.join(out, m, "log.jsonl"))
-        ax.plot([e["epoch"] for e in log], [e["val"]["pgd20"] for e in log], marker="o", label=row_label(m, is_ablation(rows)))
+        ax.plot([e["epoch"] for e in log], [e["val"]["pgd20"] for e in log], marker="o",
+                label=row_label(m, is_ablation(rows)))
         if m == "cure":
             ax.plot([e["epoch"] for e in log if "val_revision" in e],
                     [e["val_revision"]["pgd20"] for e in log if "val_revision" in e],

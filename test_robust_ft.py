@@ -128,8 +128,8 @@ def test_folder_dataset_holds_out_the_last_images_of_each_class(tmp_path):
     assert data.test.y.tolist() == [0, 0, 1, 1]
 
 
-def test_missing_download_says_how_to_point_data_dir(tmp_path):
-    with pytest.raises(RuntimeError, match="--data-dir"):
+def test_missing_download_names_the_folder_and_data_dir(tmp_path):
+    with pytest.raises(RuntimeError, match=f"{tmp_path}.*as data_dir"):
         rf.torchvision_data("cifar10", str(tmp_path), download=False)
 
 
@@ -372,7 +372,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 
 def numpy_rgp_mask(g, g_nat, g_adv, alpha, p):
-    """The spec's rule written out in NumPy: float32 score, rank k, strict <, NaN above all."""
+    """The RGP mask rule (Eq. 6, Alg. 1 line 20) written out in NumPy: float32 score, rank k, strict <, NaN above all."""
     g = g.astype(np.float64).copy()
     s = np.float32(alpha) * np.abs(g_nat.astype(np.float32)) + \
         np.float32(1.0 - alpha) * np.abs(g_adv.astype(np.float32))          # float32, no FMA
@@ -529,7 +529,7 @@ def test_cure_step_updates_with_the_masked_gradient_of_l():
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)            # plain SGD: the step is -lr * grad
-    rf.cure_step(model, opt, x.double(), y, rf.Revision(model), cfg, decay=0.9, rate=0.0, step=0,
+    rf.cure_step(model, opt, x.double(), y, rf.Revision(model), cfg, rf.CureSchedule(total_steps=1, decay=0.9),
                  generator=torch.Generator().manual_seed(0), steps=2, mask_fn=spy_mask)
     names = [n for n, _ in rf.masked_parameters(model)]
     assert len(seen["after"]) == len(names)
@@ -554,7 +554,7 @@ def test_revision_update_is_eq7_by_hand():
     model.bn1.running_mean.add_(1.0)
     model.bn1.num_batches_tracked.fill_(7)
     g = torch.Generator().manual_seed(0)
-    revision.maybe_update_(model, decay=0.99, rate=1.0, step=9, generator=g)     # rate 1: always
+    revision.maybe_update_(model, decay=0.99, rate=1.0, t=9, generator=g)        # rate 1: always
     d = min(0.99, 1 - 1 / 10)                                                    # warm-up: 0.9
     for k, v in revision.model.state_dict().items():
         cur = model.state_dict()[k]
@@ -563,7 +563,7 @@ def test_revision_update_is_eq7_by_hand():
         else:
             assert torch.equal(v, cur)
     frozen = {k: v.clone() for k, v in revision.model.state_dict().items()}
-    revision.maybe_update_(model, decay=0.99, rate=0.0, step=10, generator=g)    # rate 0: never
+    revision.maybe_update_(model, decay=0.99, rate=0.0, t=10, generator=g)       # rate 0: never
     assert all(torch.equal(v, frozen[k]) for k, v in revision.model.state_dict().items())
 
 
@@ -575,6 +575,52 @@ def test_revision_schedule_and_decay_scaling():
     short = rf.revision_decay(0.999, 0.2, 5 * 79)                          # 5 epochs of 10k images
     horizon = 1000 * (0.55 * 0.2 * 5 * 79) / (0.55 * 0.2 * rf.PAPER_STEPS)
     assert short == pytest.approx(1 - 1 / horizon)
+
+
+# Every paper value a copyable function defaults to, against the paper (a user who copies one
+# function gets these; the CLI passes its own values, so only this test notices a changed default).
+PAPER_DEFAULTS = [
+    # function, parameter, value, source
+    ("pgd", "eps", 8 / 255, "L-inf radius of Madry et al., TRADES, CURE, RiFT"),
+    ("pgd", "step_size", 2 / 255, "eps / 4"),
+    ("pgd", "steps", 10, "training attack: PGD-10"),
+    ("at_step", "eps", 8 / 255, "Madry et al."), ("at_step", "step_size", 2 / 255, "Madry et al."),
+    ("at_step", "steps", 10, "Madry et al."),
+    ("trades_step", "beta", 6.0, "TRADES, 1/lambda = 6"), ("trades_loss", "beta", 6.0, "TRADES"),
+    ("trades_step", "steps", 10, "TRADES"),
+    ("make_optimizer", "momentum", 0.9, "CURE Table 9, RiFT Sec. 4"),
+    ("step_lr", "milestones", (0.5, 0.75), "epochs 100 and 150 of 200 (CURE official, Rice et al.)"),
+    ("cure_step", "eps", 8 / 255, "CURE Sec. 5"), ("cure_step", "step_size", 2 / 255, "CURE Sec. 5"),
+    ("cure_step", "steps", 10, "CURE Sec. 5"),
+    ("evaluate", "eps", 8 / 255, "evaluation radius"), ("evaluate", "step_size", 2 / 255, "PGD-20 step"),
+    ("mrc_perturbation", "eps", 0.1, "RiFT Def. 3.1, eps = 0.1"), ("mrc_perturbation", "steps", 10, "RiFT Alg. 1, T = 10"),
+    ("module_robust_criticality", "eps", 0.1, "RiFT Def. 3.1"), ("module_robust_criticality", "steps", 10, "RiFT Alg. 1"),
+    ("finetune_module", "epochs", 10, "RiFT Sec. 4"), ("finetune_module", "lr", 1e-3, "RiFT Sec. 4"),
+    ("finetune_module", "weight_decay", 5e-4, "RiFT Sec. 4"), ("finetune_module", "batch_size", 128, "RiFT Sec. 4"),
+    ("select_alpha", "tolerance", 0.1, "RiFT Sec. 3.3: at most 0.1 points of robust accuracy"),
+    ("rift", "mrc_eps", 0.1, "RiFT Def. 3.1"), ("rift", "mrc_steps", 10, "RiFT Alg. 1"),
+    ("rift", "epochs", 10, "RiFT Sec. 4"), ("rift", "lr", 1e-3, "RiFT Sec. 4"), ("rift", "weight_decay", 5e-4, "RiFT"),
+    ("rift", "tolerance", 0.1, "RiFT Sec. 3.3"), ("rift", "eps", 8 / 255, "RiFT Sec. 4"),
+    ("rift_adversarial_set", "steps", 10, "RiFT: PGD-10 for L_rob"),
+    ("corruption_accuracy", "severities", (1, 2, 3, 4, 5), "CIFAR-10-C severities"),
+]
+
+
+@pytest.mark.parametrize("function, parameter, value, source", PAPER_DEFAULTS)
+def test_copyable_defaults_are_the_papers_values(function, parameter, value, source):
+    import inspect
+    assert inspect.signature(getattr(rf, function)).parameters[parameter].default == value, source
+
+
+def test_paper_constants():
+    cfg = rf.CureConfig()                                        # Table 9, ResNet-18 / CIFAR-10; beta official
+    assert (cfg.percentile, cfg.alpha, cfg.gamma, cfg.beta, cfg.rate, cfg.decay) == (30.0, 0.1, 1.0, 5.0, 0.2, 0.999)
+    assert rf.PAPER_STEPS == 200 * 391                           # 200 epochs of 391 batches of 128
+    assert rf.RIFT_ALPHAS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)   # RiFT Sec. 3.3
+    assert {k: (v["steps"], v["loss"]) for k, v in rf.EVAL_ATTACKS.items() if "official" not in k} == {
+        "pgd10": (10, "ce"), "pgd20": (20, "ce"), "pgd100": (100, "ce"), "cw": (20, "cw")}
+    assert rf.EVAL_ATTACKS["pgd20_official"]["step_size"] == 0.003      # NeurAI-Lab/CURE adv_utils.py
+    assert rf.CURE_DEFAULTS[("wrn34_10", "cifar10")] == (50, 0.3, 0.5)  # Table 9
 
 
 def test_table9_defaults():
@@ -590,15 +636,10 @@ def test_cure_beats_natural_training_under_pgd(natural_model):
     cfg = rf.CureConfig()
     opt = rf.make_optimizer(model, 0.05, 5e-4)
     g, gr = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    total = 2 * (len(data.train) // 32)
-    decay = rf.revision_decay(cfg.decay, cfg.rate, total)
-    state = {"step": 0}
+    schedule = rf.CureSchedule.for_run(cfg, 2 * (len(data.train) // 32))
 
     def step(m, o, x, y):
-        loss = rf.cure_step(m, o, x, y, revision, cfg, decay, rf.revision_rate(cfg.rate, state["step"] / total),
-                            state["step"], gr, EPS, 2 / 255, 3)
-        state["step"] += 1
-        return loss
+        return rf.cure_step(m, o, x, y, revision, cfg, schedule, gr, EPS, 2 / 255, 3)
 
     for _ in range(2):
         rf.train_epoch(model, opt, step, data.train, 32, 0.05, g)
@@ -1445,7 +1486,7 @@ if KERNELS_INTERPRETED:
 
 @needs_kernels
 @pytest.mark.parametrize("alpha", [0.1, 1 / 3, 0.7, 1e-40])
-def test_score_key_matches_spec(alpha):
+def test_score_key_matches_the_ordering_of_float_scores(alpha):
     # values across the float32 range, where a fused multiply-add would round differently
     gen = torch.Generator().manual_seed(11)
     n = 4096
@@ -1593,6 +1634,22 @@ def test_blind_pgd_kl_follows_the_gradient_of_kl_clean_to_adversarial():
 
 # --- 2. CURE step ----------------------------------------------------------------------------------
 
+def hand_cure_gradients(ref, rev, x, x_adv, y, beta, gamma):
+    """Eqs. 5 and 8 written out on a copy of the model and of the revision model (whose targets
+    come in its own mode): (names, params, L, {"nat", "adv", "kl", "all"}), each gradient its own
+    autograd pass: dCE(x), dCE(x_adv), dKL(p(x) || p(x_adv)) and dL."""
+    z, z_adv = ref(x), ref(x_adv)
+    with torch.no_grad():
+        r, r_adv = rev(x), rev(x_adv)
+    lp, lpa, lr_nat, lr_adv = map(hand_log_softmax, (z, z_adv, r, r_adv))
+    ce_nat, ce_adv, kl = hand_ce(lp, y), hand_ce(lpa, y), hand_kl(lp, lpa)
+    total = ce_nat + beta * kl + gamma * (hand_kl(lr_nat, lp) + hand_kl(lr_adv, lpa))
+    names, params = zip(*ref.named_parameters())
+    grads = {key: torch.autograd.grad(term, params, retain_graph=True)
+             for key, term in (("nat", ce_nat), ("adv", ce_adv), ("kl", kl), ("all", total))}
+    return names, params, total, grads
+
+
 def test_blind_cure_step_equals_algorithm_1_by_hand(monkeypatch):
     model = blind_model(seed=5).train()
     x, x_adv, y = double_batch(seed=5)
@@ -1608,20 +1665,13 @@ def test_blind_cure_step_equals_algorithm_1_by_hand(monkeypatch):
     cfg = rf.CureConfig(percentile=pct, alpha=alpha, gamma=gamma, beta=beta, rate=0.0, exclude=("linear",))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     updated = {}
-    loss = rf.cure_step(model, opt, x, y, revision, cfg, decay=0.9, rate=0.0, step=3,
+    schedule = rf.CureSchedule(total_steps=10, decay=0.9, t=3)
+    loss = rf.cure_step(model, opt, x, y, revision, cfg, schedule,
                         generator=torch.Generator().manual_seed(0), steps=2, updated=updated)
 
-    # Algorithm 1 by hand: three separate gradients of hand-written losses ...
-    z, z_adv = ref(x), ref(x_adv)
-    with torch.no_grad():
-        r, r_adv = rev(x), rev(x_adv)                           # the revision model, eval mode
-    lp, lpa, lr_nat, lr_adv = map(hand_log_softmax, (z, z_adv, r, r_adv))
-    ce_nat, ce_adv = hand_ce(lp, y), hand_ce(lpa, y)
-    total = ce_nat + beta * hand_kl(lp, lpa) + gamma * (hand_kl(lr_nat, lp) + hand_kl(lr_adv, lpa))
-    names, params = zip(*ref.named_parameters())
-    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    g_adv = torch.autograd.grad(ce_adv, params, retain_graph=True)
-    g_all = torch.autograd.grad(total, params)
+    # Algorithm 1 by hand: three separate gradients of hand-written losses (revision model in eval mode) ...
+    names, params, total, grads = hand_cure_gradients(ref, rev, x, x_adv, y, beta, gamma)
+    g_nat, g_adv, g_all = grads["nat"], grads["adv"], grads["all"]
     # ... the RGP mask in NumPy on weights (ndim >= 2) outside cfg.exclude, then plain SGD
     after = dict(model.named_parameters())
     expect_updated = {}
@@ -1725,22 +1775,16 @@ def test_blind_official_cure_step_equals_the_official_code_by_hand(monkeypatch):
     rev, ref = copy.deepcopy(revision.model), copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     updated = {}
-    loss = rf.cure_step(model, opt, x, y, revision, cfg, decay=decay, rate=1.0, step=step,
+    schedule = rf.CureSchedule(total_steps=10, decay=decay, t=step)
+    loss = rf.cure_step(model, opt, x, y, revision, cfg, schedule,
                         generator=torch.Generator().manual_seed(0), steps=2, updated=updated)
+    assert schedule.t == step + 1
 
     # The official step by hand: the revision model's targets in TRAIN mode (batch statistics,
     # and its own BatchNorm statistics move), the gradient of the KL term for the score ...
     assert rev.training
-    z, z_adv = ref(x), ref(x_adv)
-    with torch.no_grad():
-        r, r_adv = rev(x), rev(x_adv)
-    lp, lpa, lr_nat, lr_adv = map(hand_log_softmax, (z, z_adv, r, r_adv))
-    ce_nat, kl = hand_ce(lp, y), hand_kl(lp, lpa)
-    total = ce_nat + beta * kl + gamma * (hand_kl(lr_nat, lp) + hand_kl(lr_adv, lpa))
-    names, params = zip(*ref.named_parameters())
-    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    g_kl = torch.autograd.grad(kl, params, retain_graph=True)
-    g_all = torch.autograd.grad(total, params)
+    names, params, total, grads = hand_cure_gradients(ref, rev, x, x_adv, y, beta, gamma)
+    g_nat, g_kl, g_all = grads["nat"], grads["kl"], grads["all"]
     # ... the signed percentile mask on the block conv1 weights only, then plain SGD
     after = dict(model.named_parameters())
     expect_updated = {}
@@ -1792,6 +1836,19 @@ def test_official_evaluation_attacks_use_step_0_003_whatever_eps(monkeypatch):
     result = rf.evaluate(model, split, ["pgd20", "pgd20_official", "cw_official"], eps=4 / 255)
     assert seen == [(4 / 255, 2 / 255, 20, "ce"), (4 / 255, 0.003, 20, "ce"), (4 / 255, 0.003, 20, "cw")]
     assert {"pgd20_official", "cw_official"} <= set(result)
+
+
+def test_progress_in_a_log_file_is_a_plain_line_every_5_percent(capsys):
+    bar = run.Progress("cure epoch 1/5")                       # pytest's stderr is not a terminal
+    for i in range(1, 391):
+        bar(i, 390)
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-1] == "" and "\r" not in "".join(lines)
+    assert len(lines) - 1 == 21 and lines[-2].startswith("cure epoch 1/5 [390/390]")   # 0%..100% by 5%
+    bar = run.Progress("x", interactive=True)                   # a terminal: rewritten in place
+    bar(1, 2), bar(2, 2)
+    err = capsys.readouterr().err
+    assert err.startswith("\rx [1/2]") and err.endswith("\n") and err.count("\n") == 1
 
 
 def test_cli_beta_defaults_cure_5_trades_6_and_given_values_kept():
@@ -2438,7 +2495,11 @@ def test_cure_run_records_its_mask_path_and_device_settings(tmp_path, capsys):
     metrics = run_cli(["cure", *SMALL, "--epochs", "1", "--natural-epochs", "1", "--train-size", "64",
                        "--test-size", "16", "--attacks", "pgd10", "--channels-last", "--out", str(tmp_path)], capsys)
     assert metrics["mask_path"] == "plain"                  # on a CPU the plain path runs
-    assert metrics["device_settings"] == dict(cudnn_benchmark=False, tf32=False, channels_last=True, amp="none")
+    assert metrics["device_settings"] == dict(cudnn_benchmark=False, tf32=False, channels_last=True, amp="none",
+                                              onednn=False)     # see run.setup_device
+    assert not torch.backends.mkldnn.enabled
+    run.setup_device(run.resolve(run.parse_args(["natural", "synthetic", "--device", "cpu"])))
+    assert torch.backends.mkldnn.enabled                    # back on for the next run
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["device_settings"] == metrics["device_settings"]
 
@@ -2455,8 +2516,9 @@ def test_bench_report_fills_every_section_on_the_cpu(tmp_path, capsys):
     for amp in ("none", "bf16"):
         step = report["step"][amp]
         assert step["ratio"] == step["ms"]["cure"] / step["ms"]["trades"]
-        assert {"attack", "revision forwards", "backward CE(x)", "backward CE(x_adv)", "backward rest", "mask",
-                "optimiser", "revision update"} <= set(step["phases_ms"]["cure"])
+        assert {"attack", "revision forwards", "forwards, 3 backward passes", "mask",
+                "optimiser, revision update"} == set(step["phases_ms"]["cure"])
+        assert {"attack", "forwards", "backward, optimiser"} == set(step["phases_ms"]["trades"])
     ips = report["images_per_s"]["resnet18"]
     images = 200 * (49_000 - 49_000 % 128)
     assert report["projection_hours"]["python run.py cure cifar10 --model resnet18"] == pytest.approx(
@@ -2781,8 +2843,8 @@ def ddp_library_step(method, model, rev, x, y, average):
     else:
         revision = rf.Revision(model)
         revision.model.load_state_dict(rev.state_dict())
-        rf.cure_step(model, opt, x, y, revision, DDP_CFG, 0.9, 0.0, 3, torch.Generator().manual_seed(0),
-                     steps=1, average=average)
+        rf.cure_step(model, opt, x, y, revision, DDP_CFG, rf.CureSchedule(10, 0.9, t=3),
+                     torch.Generator().manual_seed(0), steps=1, average=average)
 
 
 def ddp_eval_setup():
@@ -2860,15 +2922,14 @@ def ddp_worker(rank, world_size, init_file, out_dir):
         optimizer = rf.make_optimizer(model, 0.05, 5e-3)
         revision, coin = rf.Revision(model), torch.Generator().manual_seed(7)
         cfg = rf.CureConfig(percentile=30.0, alpha=0.1, rate=0.5)
-        average, masks, steps = rf.gradient_averager(model, world_size), [], [0]
+        average, masks, schedule = rf.gradient_averager(model, world_size), [], rf.CureSchedule(100, 0.9, t=1)
 
         def recording_mask(grads, grads_nat, grads_adv, alpha, percentile):
             rf.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
             masks.append([g == 0 for g in grads])
 
         def step(m, o, xb, yb):
-            steps[0] += 1
-            return rf.cure_step(m, o, xb, yb, revision, cfg, 0.9, cfg.rate, steps[0], coin, EPS, 2 / 255, 2,
+            return rf.cure_step(m, o, xb, yb, revision, cfg, schedule, coin, EPS, 2 / 255, 2,
                                 recording_mask, average=average)
 
         data_order = torch.Generator().manual_seed(0)
@@ -3023,7 +3084,7 @@ def test_data_parallel_average_is_one_all_reduce_per_dtype(monkeypatch):
     model = tiny_model(width=2).train()
     x, y = tiny_batch(4, 8)
     rf.cure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, rf.Revision(model), rf.CureConfig(),
-                 0.9, 0.0, 0, torch.Generator(), steps=1, average=rf.gradient_averager(model, 2))
+                 rf.CureSchedule(1, 0.9), torch.Generator(), steps=1, average=rf.gradient_averager(model, 2))
     params = sum(p.numel() for p in model.parameters())
     masked = sum(p.numel() for _, p in rf.masked_parameters(model))
     bn = sum(b.numel() for b in model.buffers() if b.is_floating_point())
