@@ -1284,7 +1284,10 @@ def results_table(results):
              if any(table_row(m)[k] is not None for m in results["rows"].values())]    # when evaluated
     first = table_row(next(iter(results["rows"].values())))
     aa_n = first["n_autoattack"]
-    lines = [f"Test split: {first['n']} images" + (f" (AutoAttack and NRR (AA): the first {aa_n})" if aa_n else "")
+    ns = {name: table_row(m)["n"] for name, m in results["rows"].items()}
+    n = max(set(ns.values()), key=list(ns.values()).count)         # the usual count; others are named
+    other = "".join(f"; {name}: {k} images" for name, k in ns.items() if k != n)
+    lines = [f"Test split: {n} images{other}" + (f" (AutoAttack and NRR (AA): the first {aa_n})" if aa_n else "")
              + f"; {results['dataset']}, {results['model']} width {results['width']}, "
              f"{results['epochs']} epochs per method from one natural checkpoint "
              f"({results['natural_epochs']} epochs), preset {results['preset']}, device {results['device']}.",
