@@ -799,6 +799,16 @@ def rift_adversarial_set(model, split, size, eps=8 / 255, step_size=2 / 255, ste
     return x_adv, y
 
 
+def rift_mrc(model, split, size, eps=8 / 255, step_size=2 / 255, mrc_eps=0.1, mrc_steps=10, variant="paper",
+             batch_size=128, seed=0, progress=None):
+    """RiFT step 1: MRC of every Conv2d/Linear module on `rift_adversarial_set` (`size` training
+    images), lowest (the non-robust-critical module) first. `progress(i, n)` after each module."""
+    x_adv, y = rift_adversarial_set(model, split, size, eps, step_size, 10, batch_size, seed)
+    mrc = module_robust_criticality(model, x_adv, y, mrc_eps, mrc_steps, variant=variant, progress=progress,
+                                    generator=torch.Generator().manual_seed(seed))
+    return dict(sorted(mrc.items(), key=lambda kv: kv[1]))
+
+
 @dataclass
 class RiftResult:
     """What `rift` found: the module it fine-tuned, the tables behind the choices, the weights."""
@@ -826,13 +836,11 @@ def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 
     MRC table and rank 0's choice is kept (broadcast); fine-tuning and the alpha sweep are sharded.
     """
     if module is None:
-        x_adv, y = rift_adversarial_set(model, train_split, mrc_size, eps, step_size, 10, batch_size, seed)
         report = None if progress is None else (lambda i, n: progress("MRC", i, n))
-        mrc = module_robust_criticality(model, x_adv, y, mrc_eps, mrc_steps, variant=mrc_variant,
-                                        progress=report, generator=torch.Generator().manual_seed(seed))
-        mrc = dict(sorted(mrc.items(), key=lambda kv: kv[1]))
+        mrc = rift_mrc(model, train_split, mrc_size, eps, step_size, mrc_eps, mrc_steps, mrc_variant, batch_size,
+                       seed, report)
         names = list(mrc)
-        choice = torch.tensor([names.index(non_robust_critical_module(mrc))], device=x_adv.device)
+        choice = torch.tensor([names.index(non_robust_critical_module(mrc))], device=train_split.y.device)
         broadcast_([choice], world_size)                   # one module on every rank: rank 0's
         module = names[int(choice)]
     else:

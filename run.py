@@ -839,13 +839,10 @@ def cmd_rift(args):
     result = dict(method="rift", checkpoint=args.init, dataset=args.dataset, **model_record(args),
                   device=str(args.device), world_size=args.world_size, backend=args.backend)
     if args.mrc_only:                  # the ranking alone (every rank computes it: it is not sharded)
-        x_adv, y = rf.rift_adversarial_set(model, train_split, args.mrc_size, args.eps_px, args.step_px,
-                                           batch_size=args.batch_size, seed=args.seed)
-        mrc = rf.module_robust_criticality(model, x_adv, y, variant=args.mrc_variant, progress=Progress("MRC"),
-                                           generator=torch.Generator().manual_seed(args.seed))
-        mrc = dict(sorted(mrc.items(), key=lambda kv: kv[1]))
+        mrc = rf.rift_mrc(model, train_split, args.mrc_size, args.eps_px, args.step_px, variant=args.mrc_variant,
+                          batch_size=args.batch_size, seed=args.seed, progress=Progress("MRC"))
         print_mrc(mrc)
-        result.update(mrc=mrc, mrc_examples=len(y), module=from_rank0(args, rf.non_robust_critical_module(mrc)),
+        result.update(mrc=mrc, mrc_examples=min(args.mrc_size, len(train_split)), module=from_rank0(args, rf.non_robust_critical_module(mrc)),
                       wall_seconds=time.time() - start)
         return finish(args, result)
     bars = {}

@@ -610,6 +610,7 @@ PAPER_DEFAULTS = [
     ("rift", "epochs", 10, "RiFT Sec. 4"), ("rift", "lr", 1e-3, "RiFT Sec. 4"), ("rift", "weight_decay", 5e-4, "RiFT"),
     ("rift", "tolerance", 0.1, "RiFT Sec. 3.3"), ("rift", "eps", 8 / 255, "RiFT Sec. 4"),
     ("rift_adversarial_set", "steps", 10, "RiFT: PGD-10 for L_rob"),
+    ("rift_mrc", "mrc_eps", 0.1, "RiFT Def. 3.1"), ("rift_mrc", "mrc_steps", 10, "RiFT Alg. 1"),
     ("corruption_accuracy", "severities", (1, 2, 3, 4, 5), "CIFAR-10-C severities"),
 ]
 
