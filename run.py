@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import robust_ft as rf
 
 METHODS = ("natural", "at", "trades", "cure", "rift", "eval", "bench", "compare")
-BENCHES = ("step", "mask", "report")
+BENCHES = ("step", "mask", "report", "gpu")
 COMPARE_METHODS = ("at", "trades", "cure")
 
 # Presets: `paper` is the papers' setting; `quick` is the same pipeline sized for a 2-core CPU.
@@ -147,7 +148,12 @@ def parse_args(argv):
     p.add_argument("--mrc-only", action="store_true", help="RiFT: print the MRC ranking and stop")
     p.add_argument("--mrc-variant", default="paper", help="RiFT: paper | official")
     p.add_argument("--tolerance", type=float, default=0.1, help="RiFT: allowed robust drop (points)")
-    p.add_argument("--cifar10c", help="RiFT: directory of the CIFAR-10-C .npy files")
+    p.add_argument("--cifar10c", help="corruptions from files, not generated: a CIFAR-10-C or CIFAR-100-C folder "
+                   "(.npy) or a Tiny-ImageNet-C folder (<name>/<severity>/<wnid>/*.JPEG)")
+    p.add_argument("--corruptions", action="store_true",
+                   help="natural/at/trades/cure/eval/compare: also the accuracy under corruptions (rift always)")
+    p.add_argument("--severity", type=int, default=3, help="corruptions: the severity reported per corruption "
+                   "and group (CURE Figs. 7, 9: 3); the mean is over severities 1-5")
     p.add_argument("--rift-epochs", type=int, help="RiFT: fine-tuning epochs (paper: 10)")
     p.add_argument("--mrc-size", type=int, help="RiFT: training images whose adversarial examples define L_rob")
     # compare
@@ -229,6 +235,14 @@ def resolve(args):
         v = getattr(args, name)
         if v is not None and not low <= v <= high:    # also rejects NaN
             raise UsageError(f"--{name} {v} must be in [{low}, {high}]")
+    if args.method == "bench" and args.dataset == "gpu" and torch.device(args.device).type != "cuda":
+        found = "" if torch.cuda.is_available() else " (no CUDA device found)"
+        raise UsageError(f"bench gpu is the acceptance run for a CUDA device and --device is {args.device}{found}; "
+                         "on a CPU check the install with: TRITON_INTERPRET=1 python -m pytest -q test_robust_ft.py")
+    if args.severity not in (1, 2, 3, 4, 5):
+        raise UsageError(f"--severity {args.severity} must be one of [1, 2, 3, 4, 5]")
+    if args.cifar10c is not None and not os.path.isdir(args.cifar10c):
+        raise UsageError(f"--cifar10c {args.cifar10c!r}: no such folder")
     if args.mrc_variant not in ("paper", "official"):
         raise UsageError(f"unknown --mrc-variant {args.mrc_variant!r}; choose one of ['paper', 'official']")
     if args.out is None:
@@ -807,8 +821,33 @@ def cmd_train(args):
             args.resume = resume
     model, revision, record = train(args, args.method, data, train_split, val, test, args.out, model)
     metrics = final_metrics(args, model, test, record, args.method, revision)
+    if args.corruptions:
+        corruptions_into(args, metrics["test"], model, test, corruption_files(args))
     metrics["wall_seconds"] = time.time() - start   # this invocation (a resumed run: since resuming)
     return finish(args, metrics)
+
+
+def corruption_files(args):
+    """--cifar10c's corrupted test set ({name: {severity: Split}}), or None to generate them."""
+    try:
+        return rf.load_corrupted(args.cifar10c, num=args.test_size) if args.cifar10c else None
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--cifar10c: {e}") from None
+
+
+def corruptions_into(args, record, model, test, files):
+    """Accuracy under corruptions into `record`: "corruption" (the mean over corruptions and severities)
+    and "corruptions" (per corruption and group, over severities 1-5 and at --severity)."""
+    r = rf.corruption_accuracy(model, test, files=files, seed=args.seed)
+    at = {name: accs[args.severity] for name, accs in r["severity"].items() if args.severity in accs}
+    record["corruption"] = r["mean"]
+    record["corruptions"] = dict(
+        n=r["n"], source=args.cifar10c or "generated", per_type={name: r[name] for name in r["severity"]},
+        groups=r["groups"], severity=args.severity, per_type_at_severity=at, groups_at_severity=rf.corruption_groups(at),
+        by_severity={name: {str(s): a for s, a in accs.items()} for name, accs in r["severity"].items()})
+    print(f"corruptions ({record['corruptions']['source']}): mean {r['mean']:.2f}%; at severity {args.severity}: "
+          + ", ".join(f"{g} {a:.1f}" for g, a in record["corruptions"]["groups_at_severity"].items()), file=sys.stderr)
+    return record
 
 
 def cmd_eval(args):
@@ -819,6 +858,8 @@ def cmd_eval(args):
     metrics = dict(method="eval", checkpoint=args.init, dataset=args.dataset, **model_record(args),
                    device=str(args.device), world_size=args.world_size, backend=args.backend)
     evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
+    if args.corruptions:
+        corruptions_into(args, metrics["test"], model, test, corruption_files(args))
     return finish(args, metrics)
 
 
@@ -857,10 +898,10 @@ def cmd_rift(args):
     tuned = copy.deepcopy(model)
     tuned.load_state_dict(found.state)
     result.update(module=found.module, alphas=found.alphas, alpha=found.alpha, tolerance=args.tolerance)
-    cifar10c = rf.load_cifar10c(args.cifar10c, rf.CORRUPTIONS, num=args.test_size) if args.cifar10c else None
+    files = corruption_files(args)
     for key, m in (("before", model), ("after", tuned)):   # one seed: the same random starts, paired
         evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
-        result[key]["corruption"] = rf.corruption_accuracy(m, test, cifar10c=cifar10c)["mean"]
+        corruptions_into(args, result[key], m, test, files)
     result.update(test=result["after"], wall_seconds=time.time() - start)
     if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
         result["state_dict"] = os.path.join(args.out, "model.pt")
@@ -1141,9 +1182,145 @@ def print_report(r):
     print("\n".join(lines), file=sys.stderr)
 
 
+# --- bench gpu: the acceptance run on a CUDA card, one command -------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def gpu_versions(device):
+    """The card, driver and software a GPU result was measured with."""
+    import kernels
+    props = torch.cuda.get_device_properties(device)
+    try:
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", str(index)],
+                                capture_output=True, text=True, timeout=60).stdout.split()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        driver = "unknown (nvidia-smi did not answer)"
+    return dict(device_name=props.name, capability=f"sm_{props.major}{props.minor}",
+                memory_gib=round(props.total_memory / 2 ** 30, 1), driver=driver, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(), torch=torch.__version__,
+                triton=getattr(kernels.triton, "__version__", None), python=platform.python_version())
+
+
+def cuda_tests(out, timeout):
+    """The suite's `cuda` tests in a child process without TRITON_INTERPRET, so that the kernels are
+    compiled for this card; its output goes to OUT/cuda_tests.txt."""
+    test_file = os.path.join(HERE, "test_robust_ft.py")
+    if not os.path.exists(test_file):
+        return dict(passed=False, summary=f"{test_file} not found: the cuda tests need the repository's test file")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = os.path.join(out, "cuda_tests.txt")
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", test_file],
+                                  stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    lines = [line.strip() for line in open(log) if line.strip()]
+    summary = lines[-1] if lines else "no output"
+    if code is None:
+        summary = f"stopped after {timeout} s; last line: {summary}"
+    return dict(command="python -m pytest -q test_robust_ft.py -m cuda", returncode=code, summary=summary,
+                passed=code == 0 and " passed" in summary and "skipped" not in summary, log="cuda_tests.txt")
+
+
+def fused_vs_plain_training(args, masks, steps, width, batch):
+    """CURE for `steps` steps of `batch` synthetic images, once per mask function in `masks`, each run
+    from the same seed under deterministic algorithms, so that the runs can differ only through
+    their masks. Returns each run's median step time and mask path, and whether the final model
+    states (parameters and BatchNorm buffers) are equal bit for bit."""
+    on_cuda = torch.device(args.device).type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    split = rf.synthetic_data(num_train=batch * steps, num_test=1, seed=args.seed).train.to(args.device)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    runs = {}
+    try:
+        for name, mask_fn in masks.items():
+            torch.manual_seed(args.seed)
+            model = setup_model_for_bench(args, width)
+            opt = rf.make_optimizer(model, 0.1, 5e-4)
+            cure = cure_run(rf.cure_defaults(args.model, "cifar10"), model, steps, args.seed, args.device)
+            cure.mask_fn = mask_fn
+            step, times = with_amp(method_step(args, "cure", cure), args.amp, args.device), []
+
+            def timed(m, o, x, y):
+                sync()
+                t0 = time.perf_counter()
+                loss = step(m, o, x, y)
+                sync()
+                times.append(1000 * (time.perf_counter() - t0))
+                return loss
+
+            loss = rf.train_epoch(model, opt, timed, split, batch, 0.1, torch.Generator().manual_seed(args.seed))
+            runs[name] = dict(state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                              step_ms=statistics.median(times[1:] or times), mask_path=mask_path(mask_fn), loss=loss)
+            print(f"  {name} mask: {len(times)} steps, {runs[name]['step_ms']:.1f} ms per step (median), "
+                  f"path {runs[name]['mask_path']}, mean loss {loss:.4f}", file=sys.stderr)
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+    first, *others = [r["state"] for r in runs.values()]
+    differing = sorted({k for other in others for k in first if not torch.equal(first[k], other[k])})
+    return dict(steps=steps, width=width, batch=batch, model=args.model, amp=args.amp,
+                identical=not differing, differing=differing,
+                **{name: {k: v for k, v in r.items() if k != "state"} for name, r in runs.items()})
+
+
+def bench_gpu(args):
+    """The acceptance run on a CUDA card: the suite's cuda tests, a deterministic CURE run with the
+    fused mask and again with the plain one (same final state), and `bench report` at full width.
+    Writes OUT/metrics.json after every stage, so that a run cut short still says where it got."""
+    import kernels
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    result = dict(bench="gpu", device=str(args.device), versions=gpu_versions(args.device), stages={})
+    checks = {}
+
+    def stage(i, name, fn):
+        print(f"[bench gpu {i}/3, {time.perf_counter() - start:.0f} s] {name}", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception as e:                 # record it and go on: the other stages still say something
+            result[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+        result["stages"][name] = round(time.perf_counter() - t0, 1)
+        rf.save_json(os.path.join(args.out, "metrics.json"), result)
+
+    print("  " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), file=sys.stderr)
+    stage(1, "cuda_tests", lambda: cuda_tests(args.out, timeout=300))
+    checks["cuda tests"] = result["cuda_tests"].get("passed", False)
+    print(f"  {result['cuda_tests'].get('summary', result['cuda_tests'].get('error'))}", file=sys.stderr)
+    width = args.width or rf.MODELS[args.model][1]
+    batch = args.batch_size if args.batch_size_given else 128
+    stage(2, "fused_vs_plain", lambda: fused_vs_plain_training(
+        args, {"fused": kernels.CheckedFusedMask(), "plain": rf.rgp_mask_}, steps=200, width=width, batch=batch))
+    fvp = result["fused_vs_plain"]
+    checks["fused and plain runs identical"] = fvp.get("identical", False) and \
+        fvp.get("fused", {}).get("mask_path") == "fused"
+    report_args = argparse.Namespace(**vars(args))
+    report_args.out = os.path.join(args.out, "report")
+    stage(3, "report", lambda: bench_report(report_args))
+    checks["report"] = "error" not in result["report"]
+    result["checks"] = checks
+    result["passed"] = all(checks.values())
+    result["minutes"] = round((time.perf_counter() - start) / 60, 2)
+    print(f"[bench gpu done, {result['minutes']} min] " + ", ".join(f"{k}: {'ok' if v else 'FAILED'}"
+                                                               for k, v in checks.items()), file=sys.stderr)
+    return result
+
+
 def cmd_bench(args):
-    result = {"step": bench_step, "mask": bench_mask, "report": bench_report}[args.dataset](args)
-    return finish(args, result)
+    if args.dataset == "gpu":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before cuBLAS starts: deterministic GEMMs
+    result = {"step": bench_step, "mask": bench_mask, "report": bench_report, "gpu": bench_gpu}[args.dataset](args)
+    finish(args, result)
+    if args.dataset == "gpu" and not result["passed"]:
+        sys.exit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -1268,6 +1445,7 @@ def table_row(metrics):
     row["robust"] = nrr_robust(test)
     row["nrr"] = rf.nrr(row["clean"], row["robust"]) if row["robust"] is not None else None   # Eq. 9
     row["nrr_autoattack"] = test.get("nrr_autoattack")                      # against AA (Tables 7-8)
+    row["corruption"] = test.get("corruption")                              # mean over corruptions
     row["minutes"] = metrics.get("wall_seconds", 0.0) / 60
     return row
 
@@ -1276,7 +1454,8 @@ def results_table(results):
     cols = [("clean", "Clean"), ("pgd20", "PGD-20"), ("pgd100", "PGD-100"), ("cw", "CW-inf"),
             ("autoattack", "AutoAttack"), ("nrr", "NRR (Eq. 9, CW)"), ("nrr_autoattack", "NRR (AA)"),
             ("minutes", "wall-clock min")]
-    official = (("pgd20_official", "PGD-20, official step"), ("cw_official", "CW, official step"))
+    official = (("pgd20_official", "PGD-20, official step"), ("cw_official", "CW, official step"),
+                ("corruption", "corruptions (mean)"))
     cols += [(k, label) for k, label in official
              if any(table_row(m)[k] is not None for m in results["rows"].values())]    # when evaluated
     first = table_row(next(iter(results["rows"].values())))
@@ -1382,6 +1561,29 @@ def make_plots(out, rows, methods):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "rift_interpolation.png")
+
+    corrupted = {n: r.get("test", r.get("after", {})).get("corruptions") for n, r in rows.items()}
+    corrupted = {n: c for n, c in corrupted.items() if c}
+    if corrupted:                                    # CURE Figs. 9 and 7: per corruption, per group
+        first = next(iter(corrupted.values()))
+        fig, (ax, ax_g) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw=dict(width_ratios=[4, 1]))
+        width = 0.8 / len(corrupted)
+        for j, (name, c) in enumerate(corrupted.items()):
+            label = row_label(name, is_ablation(rows))
+            types, groups = list(c["per_type_at_severity"]), list(c["groups_at_severity"])
+            ax.bar([i + j * width for i in range(len(types))], list(c["per_type_at_severity"].values()), width,
+                   label=label)
+            ax_g.bar([i + j * width for i in range(len(groups))], list(c["groups_at_severity"].values()), width)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(types))], [t.replace("_", " ") for t in types],
+                      rotation=60, ha="right", fontsize=7)
+        ax_g.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=60, ha="right")
+        ax.set(ylabel="test accuracy (%)",
+               title=f"Corruptions at severity {first['severity']} ({first['source']}, {first['n'] // 5} images each)")
+        ax_g.set(title="per group")
+        ax.legend(fontsize=7)
+        for a in (ax, ax_g):
+            a.grid(alpha=0.3, axis="y")
+        save(fig, "corruptions.png")
     return paths
 
 

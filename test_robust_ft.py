@@ -14,11 +14,15 @@ import json
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # kernels.py's tests run the Triton interpreter on the CPU
-
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU, kernels.py's tests run the Triton interpreter on the CPU (the README's command sets
+# it too). With one, and TRITON_INTERPRET unset, the `cuda` tests compile the kernels for the card.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS for the cuda tests
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -42,18 +46,46 @@ def tiny_batch(n=8, size=16, seed=0):
 # Models
 # -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, count", [("resnet18", 11_173_962), ("preact_resnet18", 11_172_170),
-                                         ("wrn34_10", 46_160_474)])
-def test_parameter_counts_match_the_papers_models(name, count):
+def hand_resnet_count(blocks, bottleneck, width=64, classes=10):
+    """Parameters of a CIFAR ResNet counted by hand: conv weights, BN weight+bias (2 per channel), the
+    projection shortcuts where the shape changes, and the linear layer."""
+    total = 3 * 9 * width + 2 * width                                   # 3x3 stem + BN
+    c_in = width
+    for stage, count in enumerate(blocks):
+        c = width * 2 ** stage
+        c_out = 4 * c if bottleneck else c
+        for j in range(count):
+            if bottleneck:      # 1x1 c_in -> c, 3x3 c -> c, 1x1 c -> 4c, each with BN
+                total += c_in * c + 2 * c + 9 * c * c + 2 * c + c * c_out + 2 * c_out
+            else:               # 3x3 c_in -> c, 3x3 c -> c
+                total += 9 * c_in * c + 2 * c + 9 * c * c + 2 * c
+            if c_in != c_out or (j == 0 and stage > 0):
+                total += c_in * c_out + 2 * c_out                       # 1x1 projection + BN
+            c_in = c_out
+    return total + c_in * classes + classes
+
+
+@pytest.mark.parametrize("name, count, hand", [
+    ("resnet18", 11_173_962, hand_resnet_count((2, 2, 2, 2), False)),
+    ("preact_resnet18", 11_172_170, None),
+    ("resnet34", 21_282_122, hand_resnet_count((3, 4, 6, 3), False)),
+    ("resnet50", 23_520_842, hand_resnet_count((3, 4, 6, 3), True)),
+    ("resnet101", 42_512_970, hand_resnet_count((3, 4, 23, 3), True)),
+    ("wrn34_10", 46_160_474, None)])
+def test_parameter_counts_match_the_papers_models(name, count, hand):
     with torch.device("meta"):
         model = rf.build_model(name)
     assert sum(p.numel() for p in model.parameters()) == count
+    assert hand is None or hand == count
 
 
 @pytest.mark.parametrize("name, modules", [
     ("resnet18", ["conv1", "layer1.0.conv1", "layer1.1.bn2", "layer2.1.conv2", "layer3.0.shortcut",
                   "layer4.1.conv2", "linear"]),
     ("preact_resnet18", ["conv1", "layer2.1.conv2", "layer4.0.shortcut", "bn", "linear"]),
+    ("resnet34", ["layer2.3.conv2", "layer3.5.conv2", "layer4.2.conv2", "layer2.0.shortcut", "linear"]),
+    ("resnet50", ["layer1.0.conv3", "layer1.0.shortcut", "layer3.5.conv2", "layer4.2.conv3", "linear"]),
+    ("resnet101", ["layer3.22.conv3", "layer4.0.shortcut", "linear"]),
     ("wrn34_10", ["conv1", "block1.layer.3.conv2", "block2.layer.0.conv1", "block3.layer.4.conv2",
                   "bn1", "fc"]),
 ])
@@ -73,8 +105,8 @@ def test_models_take_unit_range_inputs_and_normalise_inside():
 
 
 def test_unknown_model_lists_the_choices():
-    with pytest.raises(ValueError, match="resnet50.*preact_resnet18.*resnet18.*wrn34_10"):
-        rf.build_model("resnet50")
+    with pytest.raises(ValueError, match="vgg16.*preact_resnet18.*resnet101.*resnet18.*resnet50.*wrn34_10"):
+        rf.build_model("vgg16")
 
 
 # -----------------------------------------------------------------------------
@@ -126,6 +158,93 @@ def test_folder_dataset_holds_out_the_last_images_of_each_class(tmp_path):
     assert data.num_classes == 2 and len(data.train) == 6 and len(data.test) == 4
     assert sorted(data.test.x[:, 0, 0, 0].tolist()) == [30, 31, 40, 41]
     assert data.test.y.tolist() == [0, 0, 1, 1]
+
+
+TINY_WNIDS = ["n09999999", "n01443537", "n02123045"]     # wnids.txt order is not sorted order
+TINY_COLOURS = {"n01443537": (230, 20, 20), "n02123045": (20, 230, 20), "n09999999": (20, 20, 230)}
+
+
+def make_tiny_imagenet(root, per_class=3, val=(("n02123045", "n01443537", "n09999999", "n02123045"))):
+    """A miniature tiny-imagenet-200/ in the distributed layout: train/<wnid>/images/*.JPEG,
+    train/<wnid>/<wnid>_boxes.txt, val/images/*.JPEG, val/val_annotations.txt, wnids.txt, test/images.
+    Each class is a solid colour (which survives JPEG), one training image is greyscale."""
+    from PIL import Image
+    root = root / "tiny-imagenet-200"
+
+    def jpeg(path, colour, grey=False):
+        os.makedirs(path.parent, exist_ok=True)
+        im = Image.fromarray(np.full((64, 64, 3), colour, np.uint8))
+        (im.convert("L") if grey else im).save(path, "JPEG")
+
+    os.makedirs(root)
+    (root / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    for w in TINY_WNIDS:
+        for i in range(per_class):
+            jpeg(root / "train" / w / "images" / f"{w}_{i}.JPEG", TINY_COLOURS[w], grey=(w, i) == (TINY_WNIDS[0], 2))
+        (root / "train" / w / f"{w}_boxes.txt").write_text("")
+    lines = []
+    for i, w in enumerate(val):
+        jpeg(root / "val" / "images" / f"val_{i}.JPEG", TINY_COLOURS[w])
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    jpeg(root / "test" / "images" / "test_0.JPEG", (0, 0, 0))   # unlabelled: not read
+    return root
+
+
+def test_tiny_imagenet_reads_the_distributed_layout_with_validation_labels(tmp_path):
+    root = make_tiny_imagenet(tmp_path)
+    data = rf.load_data("tinyimagenet", str(tmp_path))          # the parent folder works too
+    assert data.num_classes == 3 and (data.mean, data.std) == rf.DATASET_STATS["tinyimagenet"]
+    assert data.train.x.shape == (9, 3, 64, 64) and data.train.x.dtype == torch.uint8
+    assert data.test.x.shape == (4, 3, 64, 64)
+    order = sorted(TINY_WNIDS)                                  # labels: sorted wnids, as ImageFolder
+    assert data.test.y.tolist() == [order.index(w) for w in ("n02123045", "n01443537", "n09999999", "n02123045")]
+    for split in (data.train, data.test):                      # every label is its image's colour
+        for x, y in zip(split.x, split.y):
+            colour = TINY_COLOURS[order[y]]
+            if x[0, 0, 0] != x[1, 0, 0]:                        # (the greyscale one is grey)
+                assert (x[:, 32, 32].float() - torch.tensor(colour)).abs().max() < 12
+    assert torch.equal(rf.tiny_imagenet_data(str(root)).test.y, data.test.y)
+
+
+def test_natural_and_eval_run_on_a_miniature_tiny_imagenet(tmp_path, capsys):
+    make_tiny_imagenet(tmp_path / "data", per_class=6)
+    common = ["tinyimagenet", "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--width", "2",
+              "--no-autoattack", "--attacks", "pgd10", "--attack-steps", "1", "--val-size", "2"]
+    trained = run_cli(["natural", *common, "--epochs", "2", "--batch-size", "4",
+                       "--out", str(tmp_path / "nat")], capsys)
+    assert trained["test"]["n"] == 4 and trained["dataset"] == "tinyimagenet"
+    ckpt = torch.load(tmp_path / "nat" / "checkpoint.pt", weights_only=False)
+    assert ckpt["model"]["linear.weight"].shape == (3, 16)            # 200 classes in the real one
+    evaluated = run_cli(["eval", *common, "--init", str(tmp_path / "nat" / "checkpoint.pt"),
+                         "--out", str(tmp_path / "eval")], capsys)
+    assert evaluated["test"]["clean"] == trained["test"]["clean"] and evaluated["test"]["n"] == 4
+
+
+@pytest.mark.parametrize("breakage, words", [
+    ("no wnids", ["no wnids.txt", "tiny-imagenet-200"]),
+    ("no annotations", ["val_annotations.txt", "not found"]),
+    ("unknown wnid", ["line 2", "n00000000"]),
+    ("missing image", ["val_1.JPEG", "does not exist"]),
+    ("empty class", ["n01443537", "no images"]),
+])
+def test_a_broken_tiny_imagenet_is_one_line_and_exit_2(tmp_path, capsys, breakage, words):
+    import shutil
+    root = make_tiny_imagenet(tmp_path)
+    if breakage == "no wnids":
+        os.remove(root / "wnids.txt")
+    elif breakage == "no annotations":
+        os.remove(root / "val" / "val_annotations.txt")
+    elif breakage == "unknown wnid":
+        text = (root / "val" / "val_annotations.txt").read_text().replace("n01443537", "n00000000")
+        (root / "val" / "val_annotations.txt").write_text(text)
+    elif breakage == "missing image":
+        os.remove(root / "val" / "images" / "val_1.JPEG")
+    else:
+        shutil.rmtree(root / "train" / "n01443537" / "images")
+    err = run_error(["natural", "tinyimagenet", "--data-dir", str(tmp_path), "--device", "cpu"], capsys)
+    for w in words:
+        assert w in err
 
 
 def test_missing_download_names_the_folder_and_data_dir(tmp_path):
@@ -337,7 +456,9 @@ def run_error(argv, capsys):
     (["at", "synthetic", "--eps", "-1"], ["-1", ">= 0"]),
     (["at", "synthetic", "--preset", "fast"], ["'fast'", "paper", "quick"]),
     (["at", "synthetic", "--attacks", "pgd7"], ["'pgd7'", "pgd20"]),
-    (["bench", "everything"], ["'everything'", "step", "mask", "report"]),
+    (["bench", "everything"], ["'everything'", "step", "mask", "report", "gpu"]),
+    (["bench", "gpu", "--device", "cpu"], ["bench gpu", "CUDA", "--device is cpu",
+                                           "TRITON_INTERPRET=1 python -m pytest -q test_robust_ft.py"]),
     (["cure", "synthetic", "--revision-rate", "0"], ["--revision-rate 0", "(0, 1]"]),
     (["cure", "synthetic", "--revision-decay", "1"], ["--revision-decay 1", "[0, 1)"]),
     (["eval", "synthetic", "--aa-size", "0"], ["--aa-size 0", "positive"]),
@@ -346,6 +467,8 @@ def run_error(argv, capsys):
     (["cure", "synthetic", "--percentile", "150"], ["--percentile 150", "[0, 100]"]),
     (["cure", "synthetic", "--alpha", "nan"], ["--alpha nan", "[0, 1]"]),
     (["compare", "synthetic", "--methods", "mart"], ["'mart'", "at", "trades", "cure"]),
+    (["eval", "synthetic", "--severity", "6"], ["--severity 6", "[1, 2, 3, 4, 5]"]),
+    (["eval", "synthetic", "--cifar10c", "/no/such/dir"], ["--cifar10c", "/no/such/dir", "no such folder"]),
 ])
 def test_bad_input_gives_a_one_line_error_and_exit_2(argv, words, capsys):
     err = run_error(argv, capsys)
@@ -1005,7 +1128,7 @@ def test_select_alpha_tie_breaks_and_float32_drop_of_exactly_the_tolerance():
 # Corruptions (CIFAR-10-C)
 # -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", rf.CORRUPTIONS + rf.EXTRA_CORRUPTIONS)
+@pytest.mark.parametrize("name", rf.GENERATED_CORRUPTIONS + ("saturate",))
 def test_corruptions_keep_shape_and_range_and_grow_with_severity(name):
     x = smooth_images()
     change = []
@@ -1015,7 +1138,7 @@ def test_corruptions_keep_shape_and_range_and_grow_with_severity(name):
         assert out.min() >= 0 and out.max() <= 1 and not torch.isnan(out).any()
         assert torch.equal(out, rf.corrupt(x, name, s, torch.Generator().manual_seed(0)))   # seeded
         change.append((out - x).abs().mean().item())
-    if name in rf.CORRUPTIONS:                                 # saturate's severities are not monotone
+    if name != "saturate":                                     # saturate's severities are not monotone
         assert change[1] > change[0] > 0
 
 
@@ -1118,7 +1241,20 @@ def test_corruption_accuracy_averages_severities_and_corruptions():
     r = rf.corruption_accuracy(Constant(), split, names=("contrast", "jpeg_compression"), severities=(1, 3))
     expect = 100.0 * (split.y == 0).float().mean().item()
     assert r["contrast"] == pytest.approx(expect) and r["mean"] == pytest.approx(expect)
-    assert r["n"] == 40 and set(r) == {"contrast", "jpeg_compression", "mean", "n"}
+    assert r["n"] == 40 and set(r) == {"contrast", "jpeg_compression", "mean", "n", "groups", "severity"}
+    assert r["groups"] == {"digital": pytest.approx(expect)}
+    assert r["severity"] == {"contrast": {1: pytest.approx(expect), 3: pytest.approx(expect)},
+                             "jpeg_compression": {1: pytest.approx(expect), 3: pytest.approx(expect)}}
+
+
+def test_corruption_groups_are_curés_four_means():
+    accuracy = {"gaussian_noise": 10.0, "speckle_noise": 20.0, "fog": 30.0, "frost": 50.0, "contrast": 7.0,
+                "saturate": 99.0}                               # saturate is in no group
+    assert rf.corruption_groups(accuracy) == {"noise": 15.0, "weather": 40.0, "digital": 7.0}
+    grouped = [n for names in rf.CORRUPTION_GROUPS.values() for n in names]
+    assert len(grouped) == len(set(grouped)) == 17 and set(rf.CORRUPTIONS) <= set(grouped)
+    assert set(grouped) - set(rf.CORRUPTIONS) == {"speckle_noise", "gaussian_blur"}
+    assert rf.GENERATED_CORRUPTIONS == tuple(n for n in grouped if n != "frost")
 
 
 def test_corruption_accuracy_matches_a_hand_evaluation():
@@ -1134,9 +1270,11 @@ def test_corruption_accuracy_matches_a_hand_evaluation():
             accs[name].append(100.0 * (pred == split.y).float().mean().item())
     for name, a in accs.items():
         assert r[name] == pytest.approx(sum(a) / 2, abs=1e-4)
+        assert [r["severity"][name][s] for s in (2, 5)] == pytest.approx(a, abs=1e-4)
     assert r["mean"] == pytest.approx((r["gaussian_noise"] + r["fog"]) / 2)
-    with pytest.raises(ValueError, match="snow"):
-        rf.corruption_accuracy(model, split, names=("snow",))
+    assert r["groups"] == pytest.approx({"noise": r["gaussian_noise"], "weather": r["fog"]})
+    with pytest.raises(ValueError, match="frost.*files"):
+        rf.corruption_accuracy(model, split, names=("frost",))
 
 
 # -----------------------------------------------------------------------------
@@ -1152,59 +1290,138 @@ def write_fake_cifar10c(directory, names, per=4, size=8):
                                                             (n, size, size, 3)).copy())
 
 
-def test_load_cifar10c_picks_severity_blocks_in_nchw(tmp_path):
+def test_cifar_c_files_load_per_severity_in_nchw(tmp_path):
     write_fake_cifar10c(tmp_path, ["fog", "contrast"])
-    data = rf.load_cifar10c(str(tmp_path), ["fog", "contrast"], severities=(2, 5), num=3)
-    assert set(data) == {"fog", "contrast"}
-    s = data["fog"]
-    assert s.x.shape == (6, 3, 8, 8) and s.x.dtype == torch.uint8 and s.y.dtype == torch.int64
-    rows = [4, 5, 6, 16, 17, 18]                               # severity 2: 4..7, severity 5: 16..19
-    assert s.x[:, 1, 2, 3].tolist() == rows and s.y.tolist() == [r % 10 for r in rows]
-    assert len(rf.load_cifar10c(str(tmp_path), ["fog"])["fog"]) == 20
+    data = rf.load_corrupted(str(tmp_path), ["fog", "contrast"], severities=(2, 5), num=3)
+    assert set(data) == {"fog", "contrast"} and set(data["fog"]) == {2, 5}
+    s2, s5 = data["fog"][2], data["fog"][5]
+    assert s2.x.shape == (3, 3, 8, 8) and s2.x.dtype == torch.uint8 and s2.y.dtype == torch.int64
+    for split, rows in ((s2, [4, 5, 6]), (s5, [16, 17, 18])):   # severity 2: rows 4..7, severity 5: 16..19
+        assert split.x[:, 1, 2, 3].tolist() == rows and split.y.tolist() == [r % 10 for r in rows]
+    everything = rf.load_corrupted(str(tmp_path))               # every name the folder holds, all rows
+    assert list(everything) == ["fog", "contrast"] and len(everything["fog"][1]) == 4   # CIFAR-10-C's order
 
 
-def test_load_cifar10c_names_the_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="labels.npy"):
-        rf.load_cifar10c(str(tmp_path), ["fog"])
+def test_corrupted_files_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="labels.npy.*Tiny-ImageNet-C"):
+        rf.load_corrupted(str(tmp_path), ["fog"])
     write_fake_cifar10c(tmp_path, ["fog"])
     with pytest.raises(FileNotFoundError, match="snow.npy"):
-        rf.load_cifar10c(str(tmp_path), ["fog", "snow"])
+        rf.load_corrupted(str(tmp_path), ["fog", "snow"])
     with pytest.raises(ValueError, match="severities"):
-        rf.load_cifar10c(str(tmp_path), ["fog"], severities=(0,))
+        rf.load_corrupted(str(tmp_path), ["fog"], severities=(0,))
+
+
+def write_fake_tiny_imagenet_c(directory, names, wnids=("n02", "n01", "n03"), per=2):
+    """<name>/<severity>/<wnid>/*.JPEG: image j of class c at severity s is a solid grey 40 c + 8 s + j."""
+    from PIL import Image
+    for name in names:
+        for s in range(1, 6):
+            for c, w in enumerate(sorted(wnids)):
+                os.makedirs(directory / name / str(s) / w)
+                for j in range(per):
+                    value = 40 * c + 8 * s + j
+                    Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(
+                        directory / name / str(s) / w / f"{j}.JPEG", quality=100)
+
+
+def test_tiny_imagenet_c_folders_load_with_sorted_wnid_labels(tmp_path):
+    write_fake_tiny_imagenet_c(tmp_path, ["snow", "fog"])
+    data = rf.load_corrupted(str(tmp_path), severities=(1, 4))
+    assert list(data) == ["snow", "fog"] and set(data["fog"]) == {1, 4}
+    split = data["fog"][4]
+    assert split.x.shape == (6, 3, 64, 64) and split.y.tolist() == [0, 0, 1, 1, 2, 2]
+    values = split.x[:, 0, 10, 10].int()
+    expect = torch.tensor([40 * c + 32 + j for c in range(3) for j in range(2)])
+    assert (values - expect).abs().max() <= 1                 # JPEG at quality 100
+    sub = rf.load_corrupted(str(tmp_path), ["snow"], severities=(2,), num=4)["snow"][2]
+    assert len(sub) == 4 and torch.equal(sub.y, rf.load_corrupted(str(tmp_path), ["snow"], (2,), 4)["snow"][2].y)
+    with pytest.raises(FileNotFoundError, match="contrast.*Tiny-ImageNet-C"):
+        rf.load_corrupted(str(tmp_path), ["snow", "contrast"])
+
+
+def test_eval_reports_corruptions_per_type_and_group_at_the_chosen_severity(tmp_path, capsys):
+    write_fake_cifar10c(tmp_path, ["fog", "snow", "contrast", "saturate"], per=3)
+    torch.manual_seed(0)
+    torch.save(rf.build_model("resnet18", 10, 2).state_dict(), tmp_path / "model.pt")
+    metrics = run_cli(["eval", "synthetic", "--device", "cpu", "--width", "2", "--init", str(tmp_path / "model.pt"),
+                       "--test-size", "8", "--attacks", "", "--no-autoattack", "--corruptions",
+                       "--cifar10c", str(tmp_path), "--severity", "2", "--out", str(tmp_path / "eval")], capsys)
+    c = metrics["test"]["corruptions"]
+    assert c["severity"] == 2 and c["n"] == 15 and c["source"] == str(tmp_path)
+    assert list(c["per_type_at_severity"]) == ["snow", "fog", "contrast", "saturate"]
+    for name, at in c["per_type_at_severity"].items():
+        assert at == c["by_severity"][name]["2"]
+        assert c["per_type"][name] == pytest.approx(sum(c["by_severity"][name].values()) / 5)
+    assert c["groups_at_severity"] == pytest.approx(
+        {"weather": (c["per_type_at_severity"]["snow"] + c["per_type_at_severity"]["fog"]) / 2,
+         "digital": c["per_type_at_severity"]["contrast"]})
+    assert metrics["test"]["corruption"] == pytest.approx(sum(c["per_type"].values()) / 4)
 
 
 def test_corruption_accuracy_on_files_matches_a_hand_evaluation(tmp_path):
     write_fake_cifar10c(tmp_path, ["fog", "pixelate"], per=6)
-    data = rf.load_cifar10c(str(tmp_path), ["fog", "pixelate"], severities=(1, 3))
+    data = rf.load_corrupted(str(tmp_path), ["fog", "pixelate"], severities=(1, 3))
     model = tiny_net()
-    r = rf.corruption_accuracy(model, uint8_split(), names=("fog", "pixelate"), cifar10c=data)
+    r = rf.corruption_accuracy(model, uint8_split(), files=data)
     with torch.no_grad():
-        hand = 100.0 * (model(data["fog"].x.float() / 255).argmax(1) == data["fog"].y).float().mean().item()
-    assert r["fog"] == pytest.approx(hand) and r["n"] == 12
+        hand = {s: 100.0 * (model(data["fog"][s].x.float() / 255).argmax(1) == data["fog"][s].y).float().mean().item()
+                for s in (1, 3)}
+    assert r["severity"]["fog"] == pytest.approx(hand) and r["fog"] == pytest.approx((hand[1] + hand[3]) / 2)
+    assert r["n"] == 12 and set(r["severity"]) == {"fog", "pixelate"}
     with pytest.raises(ValueError, match="not loaded"):
-        rf.corruption_accuracy(model, uint8_split(), names=("contrast",), cifar10c=data)
+        rf.corruption_accuracy(model, uint8_split(), names=("contrast",), files=data)
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: the fused RGP mask against rgp_mask_, bit for bit, under the Triton interpreter.
-# Triton reads TRITON_INTERPRET when a kernel is decorated; this file sets it before importing.
+# kernels.py: the fused RGP mask against rgp_mask_, bit for bit, on each device the kernels can run
+# on: the CPU under the Triton interpreter ("interpreted"), and a CUDA card with the kernels compiled
+# for it ("cuda", the `cuda` marker: python -m pytest -q test_robust_ft.py -m cuda, TRITON_INTERPRET
+# unset). Triton reads TRITON_INTERPRET when a kernel is decorated, so one process runs one kind.
 # The interpreter is slow (about 15 ms per program and launch), so tensors are small: what
 # matters is awkward sizes, ties, NaN and dtypes, not bulk.
 # -----------------------------------------------------------------------------
+
+import kernels
 
 try:
     import triton
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    import kernels
     KERNELS_INTERPRETED = isinstance(kernels._rgp_mask_kernel, InterpretedFunction)
 except ImportError:
     KERNELS_INTERPRETED = False
 needs_kernels = pytest.mark.skipif(not KERNELS_INTERPRETED,
                                    reason="needs triton, with TRITON_INTERPRET=1 set before kernels is imported")
 
-BLOCK, CHUNK = (kernels.BLOCK_SIZE, kernels.CHUNK_SIZE) if KERNELS_INTERPRETED else (2048, 16384)
+
+def cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if kernels.triton is None:
+        return "needs triton"
+    if KERNELS_INTERPRETED:
+        return "TRITON_INTERPRET=1 is set, so the kernels are interpreted: run -m cuda without it"
+    return None
+
+
+needs_cuda = pytest.mark.skipif(cuda_skip_reason() is not None, reason=str(cuda_skip_reason()))
+KERNEL_DEVICES = [pytest.param("cpu", marks=needs_kernels, id="interpreted"),
+                  pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda], id="cuda")]
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def dev(request):
+    """The device the kernels run on: the CPU (interpreted) or CUDA (compiled for the card)."""
+    return request.param
+
+
+def on(device, lists):
+    """Lists of tensors moved to `device` (strides kept: dense layouts stay as they are)."""
+    return [[t.to(device) for t in ts] for ts in lists]
+
+BLOCK, CHUNK = kernels.BLOCK_SIZE, kernels.CHUNK_SIZE
 RESNET_LIKE = [(8, 3, 3, 3), (8, 8, 3, 3), (16, 8, 3, 3), (16, 8, 1, 1), (10, 16)]
 
 
@@ -1228,27 +1445,24 @@ def _compare(grads, grads_nat, grads_adv, alpha, percentile, expect_launches=6):
         assert torch.equal(_bits(r), _bits(g)), f"tensor {i} {tuple(g.shape)} differs"
 
 
-@needs_kernels
 @pytest.mark.parametrize("percentile, alpha", [(30.0, 0.1), (33.3, 0.3), (50.0, 0.5)])
-def test_resnet_like_shapes(percentile, alpha):
+def test_resnet_like_shapes(dev, percentile, alpha):
     gen = torch.Generator().manual_seed(0)
     lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
-    _compare(*lists, alpha, percentile)
+    _compare(*on(dev, lists), alpha, percentile)
 
 
-@needs_kernels
-def test_awkward_sizes():
+def test_awkward_sizes(dev):
     # empty (k = 0: left out), 1 and 2 elements, around the block and the chunk, a prime
     sizes = [0, 1, 2, BLOCK - 1, BLOCK + 1, 1031, CHUNK + 1]
     gen = torch.Generator().manual_seed(1)
     lists = [[_randn(n, gen) for n in sizes] for _ in range(3)]
-    _compare(*lists, 0.2, 60.0)
+    _compare(*on(dev, lists), 0.2, 60.0)
 
 
-@needs_kernels
-def test_percentile_edges():
+def test_percentile_edges(dev):
     gen = torch.Generator().manual_seed(2)
-    lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
+    lists = on(dev, [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)])
     lists[1][0][0, 0, 0, 0] = float("nan")            # a NaN score is zeroed too when k = n
     before = [g.clone() for g in lists[0]]
     _compare([g.clone() for g in lists[0]], lists[1], lists[2], 0.1, 0.0, expect_launches=0)
@@ -1257,30 +1471,28 @@ def test_percentile_edges():
     assert not torch.equal(before[0], lists[0][0])
     # k = n - 1 for every tensor: only the largest score survives
     lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
-    _compare(*lists, 0.1, 99.9)
+    _compare(*on(dev, lists), 0.1, 99.9)
 
 
-@needs_kernels
-def test_ties_and_constants():
+def test_ties_and_constants(dev):
     gen = torch.Generator().manual_seed(3)
     shapes = [(8, 3, 3, 3), (16, 8, 1, 1), (10, 16), (7,)]
     # few distinct scores: many ties at the threshold, which are kept
     grads_nat = [torch.randint(-2, 3, s, generator=gen).float() for s in shapes]
     grads_adv = [torch.randint(-1, 2, s, generator=gen).float() for s in shapes]
     grads = [_randn(s, gen) for s in shapes]
-    _compare(grads, grads_nat, grads_adv, 0.5, 30.0)
+    _compare(*on(dev, [grads, grads_nat, grads_adv]), 0.5, 30.0)
     # constant and all-zero scores: t equals every score, so nothing is below it
     grads_nat = [torch.full(s, 0.25) for s in shapes[:2]] + [torch.zeros(s) for s in shapes[2:]]
     grads_adv = [torch.full(s, -0.25) for s in shapes[:2]] + [torch.zeros(s) for s in shapes[2:]]
-    grads = [_randn(s, gen) for s in shapes]
+    grads, grads_nat, grads_adv = on(dev, [[_randn(s, gen) for s in shapes], grads_nat, grads_adv])
     kept = [g.clone() for g in grads]
     _compare(grads, grads_nat, grads_adv, 0.1, 70.0)
     assert all(torch.equal(g, k) for g, k in zip(grads, kept))
 
 
-@needs_kernels
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: 0 * inf
-def test_nan_and_inf_scores():
+def test_nan_and_inf_scores(dev):
     gen = torch.Generator().manual_seed(4)
     shapes = [(8, 8, 3, 3), (16, 8, 1, 1), (10, 16), (5,)]
     grads_nat = [_randn(s, gen) for s in shapes]
@@ -1292,20 +1504,18 @@ def test_nan_and_inf_scores():
     grads_nat[3][:] = float("inf")                     # alpha = 0: 0 * inf = NaN in both paths
     for alpha in (0.0, 0.4):
         grads = [_randn(s, gen) for s in shapes]
-        _compare(grads, grads_nat, grads_adv, alpha, 30.0)
+        _compare(*on(dev, [grads, grads_nat, grads_adv]), alpha, 30.0)
 
 
-@needs_kernels
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 1e-40])
-def test_alpha_extremes(alpha):
-    # 1e-40 makes float32(alpha) subnormal: the interpreter must still compute in float32
+def test_alpha_extremes(dev, alpha):
+    # 1e-40 makes float32(alpha) subnormal: the kernel must still compute in float32 (no flush to 0)
     gen = torch.Generator().manual_seed(5)
     lists = [[_randn(s, gen) for s in RESNET_LIKE[:3]] for _ in range(3)]
-    _compare(*lists, alpha, 30.0)
+    _compare(*on(dev, lists), alpha, 30.0)
 
 
-@needs_kernels
-def test_half_precision_and_mixed_dtypes():
+def test_half_precision_and_mixed_dtypes(dev):
     gen = torch.Generator().manual_seed(6)
     dtypes = [(torch.float16, torch.float16, torch.float16),
               (torch.bfloat16, torch.bfloat16, torch.bfloat16),
@@ -1316,21 +1526,23 @@ def test_half_precision_and_mixed_dtypes():
     grads = [_randn(s, gen, d[0]) for s, d in zip(shapes, dtypes)]
     grads_nat = [_randn(s, gen, d[1]) for s, d in zip(shapes, dtypes)]
     grads_adv = [_randn(s, gen, d[2]) for s, d in zip(shapes, dtypes)]
-    _compare(grads, grads_nat, grads_adv, 0.1, 33.3)   # all five dtype mixes in one launch
+    _compare(*on(dev, [grads, grads_nat, grads_adv]), 0.1, 33.3)   # all five dtype mixes in one launch
 
 
-@needs_kernels
-def test_non_contiguous_views():
+def test_non_contiguous_views(dev):
     gen = torch.Generator().manual_seed(7)
-    base = [_randn((16, 8, 3, 3), gen), _randn((20, 16), gen), _randn((9, 9), gen)]
+
+    def randn(shape):                                   # made on the device, then viewed
+        return _randn(shape, gen).to(dev)
+
+    base = [randn((16, 8, 3, 3)), randn((20, 16)), randn((9, 9))]
     ref_base = [b.clone() for b in base]
 
     def views(ts):
         return [ts[0].transpose(0, 1), ts[1][:, ::2], ts[2][1:8, 2:]]
 
-    grads_nat = [_randn((16, 8, 3, 3), gen).transpose(0, 1), _randn((20, 8), gen),
-                 _randn((7, 14), gen)[:, ::2]]
-    grads_adv = [_randn((8, 16, 3, 3), gen), _randn((8, 20), gen).t(), _randn((7, 7), gen)]
+    grads_nat = [randn((16, 8, 3, 3)).transpose(0, 1), randn((20, 8)), randn((7, 14))[:, ::2]]
+    grads_adv = [randn((8, 16, 3, 3)), randn((8, 20)).t(), randn((7, 7))]
     rf.rgp_mask_(views(ref_base), grads_nat, grads_adv, 0.1, 30.0)
     before = kernels.LAUNCHES
     kernels.fused_rgp_mask_(views(base), grads_nat, grads_adv, 0.1, 30.0)
@@ -1341,15 +1553,14 @@ def test_non_contiguous_views():
     assert all(torch.equal(_bits(r), _bits(b)) for r, b in zip(ref_base, base))
 
 
-@needs_kernels
-def test_channels_last_gradients_take_the_fused_path_without_copies():
+def test_channels_last_gradients_take_the_fused_path_without_copies(dev):
     gen = torch.Generator().manual_seed(8)
     shapes = [(8, 3, 3, 3), (16, 8, 3, 3), (16, 8, 1, 1), (10, 16)]
 
     def layout(t):
         return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
-    lists = [[layout(_randn(s, gen)) for s in shapes] for _ in range(3)]
+    lists = on(dev, [[layout(_randn(s, gen)) for s in shapes] for _ in range(3)])
     assert not lists[0][1].is_contiguous() and kernels.dense_layout(lists[0][1])
     _compare(*lists, 0.1, 30.0, expect_launches=6)          # bit-identical, and no copy at all
     # g_nat contiguous, the others channels_last: their strides differ, so g and g_adv are copied
@@ -1358,18 +1569,17 @@ def test_channels_last_gradients_take_the_fused_path_without_copies():
     _compare(*mixed, 0.1, 30.0, expect_launches=6 + 2 * (1 + 1 + 1))
 
 
-def resnet_like_lists_and_plain_mask(seed):
+def resnet_like_lists_and_plain_mask(seed, device="cpu"):
     """Random g, g_nat, g_adv of RESNET_LIKE shapes, and g masked by the plain path (p 30, alpha 0.1)."""
     gen = torch.Generator().manual_seed(seed)
-    lists = [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)]
+    lists = on(device, [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(3)])
     ref = [g.clone() for g in lists[0]]
     rf.rgp_mask_(ref, lists[1], lists[2], 0.1, 30.0)
     return lists, ref
 
 
-@needs_kernels
-def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(monkeypatch):
-    lists, ref = resnet_like_lists_and_plain_mask(11)
+def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(dev, monkeypatch):
+    lists, ref = resnet_like_lists_and_plain_mask(11, dev)
     plain_calls = []
     real_plain = rf.rgp_mask_
     monkeypatch.setattr(rf, "rgp_mask_", lambda *a: plain_calls.append(1) or real_plain(*a))
@@ -1382,9 +1592,8 @@ def test_checked_fused_mask_checks_each_layout_once_and_reports_the_fused_path(m
     assert len(plain_calls) == 1                     # the reference ran for the first call only
 
 
-@needs_kernels
-def test_checked_fused_mask_falls_back_on_a_mismatch_and_says_so(monkeypatch):
-    lists, ref = resnet_like_lists_and_plain_mask(12)
+def test_checked_fused_mask_falls_back_on_a_mismatch_and_says_so(dev, monkeypatch):
+    lists, ref = resnet_like_lists_and_plain_mask(12, dev)
     real_launch = kernels._launch_rgp_mask
 
     def off_by_one(grads, *args):                   # a broken kernel: one more zero in tensor 2
@@ -1425,45 +1634,41 @@ def test_kernels_compile_for_sm80_and_sm90_without_fma():
     assert result["fused_fma"]          # the check can fail: with fusion on, the score does use FMA
 
 
-@needs_kernels
-def test_grads_alias_g_nat():
+def test_grads_alias_g_nat(dev):
     # CURE adds the other terms' gradient into g_nat's storage, so grads may be grads_nat
     gen = torch.Generator().manual_seed(8)
-    grads_nat = [_randn(s, gen) for s in RESNET_LIKE]
-    grads_adv = [_randn(s, gen) for s in RESNET_LIKE]
+    grads_nat, grads_adv = on(dev, [[_randn(s, gen) for s in RESNET_LIKE] for _ in range(2)])
     ref = [g.clone() for g in grads_nat]
     rf.rgp_mask_(ref, [g.clone() for g in grads_nat], grads_adv, 0.1, 30.0)
     kernels.fused_rgp_mask_(grads_nat, grads_nat, grads_adv, 0.1, 30.0)
     assert all(torch.equal(_bits(r), _bits(g)) for r, g in zip(ref, grads_nat))
 
 
-@needs_kernels
-def test_launch_count_does_not_grow_with_tensors():
+def test_launch_count_does_not_grow_with_tensors(dev):
     gen = torch.Generator().manual_seed(9)
     counts = []
     for n_tensors in (3, 40):
         shapes = [(4, 3 + i % 5) for i in range(n_tensors)]
-        lists = [[_randn(s, gen) for s in shapes] for _ in range(3)]
+        lists = on(dev, [[_randn(s, gen) for s in shapes] for _ in range(3)])
         before = kernels.LAUNCHES
         _compare(*lists, 0.1, 30.0)
         counts.append(kernels.LAUNCHES - before)
     assert counts[0] == counts[1] == 6
 
 
-@needs_kernels
 @pytest.mark.parametrize("args", [
     ("lengths", 0.1, 30.0), ("shapes", 0.1, 30.0),
     ("ok", -0.1, 30.0), ("ok", 1.5, 30.0), ("ok", float("nan"), 30.0),
     ("ok", 0.1, -1.0), ("ok", 0.1, 100.5), ("ok", 0.1, float("nan")),
 ])
-def test_errors_match_plain_path(args):
+def test_errors_match_plain_path(dev, args):
     case, alpha, percentile = args
-    a, b = torch.zeros(3, 3), torch.zeros(3, 3)
+    a, b = torch.zeros(3, 3, device=dev), torch.zeros(3, 3, device=dev)
     grads, grads_nat, grads_adv = [a], [a.clone()], [b]
     if case == "lengths":
         grads_adv = [b, b]
     elif case == "shapes":
-        grads_nat = [torch.zeros(9)]
+        grads_nat = [torch.zeros(9, device=dev)]
     with pytest.raises(ValueError) as plain:
         rf.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
     with pytest.raises(ValueError) as fused:
@@ -1483,7 +1688,7 @@ def test_falls_back_without_interpreter(monkeypatch):
     _compare(*lists, 0.1, 30.0, expect_launches=0)
 
 
-if KERNELS_INTERPRETED:
+if KERNELS_INTERPRETED or cuda_skip_reason() is None:
     @triton.jit
     def _score_key_probe(seg_ptr,   # int64 (1, 8): segment row as built by kernels._rgp_tables
                          out_ptr,   # int32 (n,): the keys
@@ -1493,9 +1698,8 @@ if KERNELS_INTERPRETED:
         tl.store(out_ptr + offs, kernels._rgp_score_key(seg_ptr, 0, offs, mask, a, b), mask=mask)
 
 
-@needs_kernels
 @pytest.mark.parametrize("alpha", [0.1, 1 / 3, 0.7, 1e-40])
-def test_score_key_matches_the_ordering_of_float_scores(alpha):
+def test_score_key_matches_the_ordering_of_float_scores(dev, alpha):
     # values across the float32 range, where a fused multiply-add would round differently
     gen = torch.Generator().manual_seed(11)
     n = 4096
@@ -1505,11 +1709,88 @@ def test_score_key_matches_the_ordering_of_float_scores(alpha):
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, 3.4e38])
     g_nat[: 7 * 7] = special.repeat_interleave(7)
     g_adv[: 7 * 7] = special.repeat(7)
-    row = torch.tensor([[n, 0, 0, g_nat.data_ptr(), g_adv.data_ptr(), 0, 0, 0]], dtype=torch.int64)
-    keys = torch.empty(n, dtype=torch.int32)
+    g_nat, g_adv = g_nat.to(dev), g_adv.to(dev)
+    row = torch.tensor([[n, 0, 0, g_nat.data_ptr(), g_adv.data_ptr(), 0, 0, 0]], dtype=torch.int64, device=dev)
+    keys = torch.empty(n, dtype=torch.int32, device=dev)
     a, b = rf.rgp_coefficients(alpha)
     _score_key_probe[(1,)](row, keys, n, a, b, BLOCK=n, enable_fp_fusion=False)
     assert torch.equal(keys, rf.score_key(rf.rgp_score(g_nat, g_adv, alpha)))
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic algorithms (cuDNN, cuBLAS, scatter) for one test, so that two runs differ only
+    where the code under test makes them differ; the previous settings are restored after."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+
+
+def cure_steps(dev, mask_fn, steps=1, width=2, size=16, channels_last=False, amp="none"):
+    """`steps` CURE steps (PGD-2, batch 8) of a ResNet-18 at `width` on `dev` with `mask_fn`, from
+    seed 0, so that two calls differ only by their masks. Returns the model."""
+    torch.manual_seed(0)
+    model = rf.build_model("resnet18", 10, width).to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cfg = rf.cure_defaults("resnet18", "cifar10")
+    opt = rf.make_optimizer(model, 0.1, 5e-4)
+    revision, schedule = rf.cure_revision(model, cfg), rf.CureSchedule.for_run(cfg, 100)
+    coin, data = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = torch.rand(8, 3, size, size, generator=data).to(dev)
+        y = torch.randint(10, (8,), generator=data).to(dev)
+        with run.autocast(amp, dev):
+            rf.cure_step(model, opt, x, y, revision, cfg, schedule, coin, EPS, 2 / 255, 2, mask_fn)
+    return model
+
+
+def test_cure_steps_with_the_fused_mask_give_the_plain_steps_parameters(dev, deterministic):
+    steps, width, size = (1, 2, 16) if dev == "cpu" else (3, 16, 32)   # the interpreter is slow
+    before = kernels.LAUNCHES
+    fused = cure_steps(dev, kernels.fused_rgp_mask_, steps, width, size)
+    assert kernels.LAUNCHES - before == 6 * steps
+    plain = cure_steps(dev, rf.rgp_mask_, steps, width, size)
+    for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("none", True), ("bf16", True)])
+def test_cure_steps_in_bf16_and_channels_last_take_the_fused_path_on_cuda(amp, channels_last):
+    mask = kernels.CheckedFusedMask(log=pytest.fail)          # a mismatch with the plain path fails
+    torch.manual_seed(0)
+    start = rf.build_model("resnet18", 10, 16).state_dict()   # cure_steps' start, seeded alike
+    model = cure_steps("cuda", mask, 3, 16, 32, channels_last, amp)
+    assert mask.path == "fused" and mask.mismatch is None
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p.cpu(), start[n]) for n, p in model.named_parameters())
+
+
+@needs_kernels
+def test_bench_gpus_fused_vs_plain_run_finds_identical_states_and_a_broken_mask(tmp_path):
+    """bench gpu's training check, on the CPU: the fused kernels interpreted against the plain mask."""
+    args = run.resolve(run.parse_args(["bench", "report", "--device", "cpu", "--attack-steps", "1"]))
+
+    def one_more_zero(grads, grads_nat, grads_adv, alpha, percentile):   # a broken mask
+        rf.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+        grads[3].view(-1)[grads[3].view(-1).nonzero()[0]] = 0
+
+    before = kernels.LAUNCHES
+    r = run.fused_vs_plain_training(args, {"fused": kernels.fused_rgp_mask_, "plain": rf.rgp_mask_},
+                                    steps=2, width=2, batch=8)
+    assert kernels.LAUNCHES - before == 6 * 2
+    assert r["identical"] and r["differing"] == [] and r["plain"]["step_ms"] > 0
+    assert not torch.are_deterministic_algorithms_enabled()            # restored
+    r = run.fused_vs_plain_training(args, {"plain": rf.rgp_mask_, "broken": one_more_zero},
+                                    steps=2, width=2, batch=8)
+    name = [n for n, _ in rf.masked_parameters(rf.build_model("resnet18", 10, 2))][3]
+    assert not r["identical"] and name in r["differing"]
 
 
 @needs_kernels
