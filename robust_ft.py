@@ -1802,7 +1802,11 @@ def autoattack_correct(model, x, y, eps, batch_size=256, seed=0, state_path=None
 # =============================================================================
 
 # Severity parameters are those of the CIFAR-10-C generator, hendrycks/robustness
-# ImageNet-C/create_c/make_cifar_c.py, severities 1..5. Images are float (B, 3, H, W) in [0, 1].
+# ImageNet-C/create_c/make_cifar_c.py, severities 1..5, in pixels of a 32x32 image; at other sizes
+# (Tiny-ImageNet's 64x64) they are used as they are, except elastic_transform's, which the generator
+# writes as fractions of the side (make_tinyimagenet_c.py's own, stronger parameters are not used).
+# Images are float (B, 3, H, W) in [0, 1]. Sixteen corruptions are generated; frost is not (see
+# FILE_ONLY_CORRUPTIONS), nor spatter: both are read from the published files.
 
 CORRUPTION_PARAMS = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),    # std of the added N(0, c^2)
@@ -1817,6 +1821,19 @@ CORRUPTION_PARAMS = {
     "saturate": ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)),       # HSV S -> S a + b
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),            # size factor of the box down- and up-scale
     "jpeg_compression": (80, 65, 58, 50, 40),             # JPEG quality
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+    # (Gaussian sigma px, max shift d px, shuffle rounds); shifts are drawn from -d..d-1
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+    # (ImageMagick radius px, sigma px); angle ~ U(-45, 45) degrees per image
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
+    # zooms np.arange(1, c, 0.01), as float steps give them: 7, 12, 16, 21, 26 factors from 1.00
+    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+             (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+             (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+    # (flake mean, flake std, zoom, threshold, motion radius px, motion sigma px, image weight)
+    "elastic_transform": ((0.0, 0.0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
+                          (0.1, 0.03, 0.03)),
+    # (displacement scale alpha, its smoothing sigma, affine jitter), fractions of the side (x 32 px)
 }
 
 
@@ -1974,11 +1991,197 @@ def _jpeg_compression(x, c, generator):
     return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
 
 
+def glass_shuffle(x, rows, cols, max_delta):
+    """One round of make_cifar_c's local shuffle, for all images at once: pixels (h, w), h and w from
+    size - d down to d + 1, bottom-right first, each take the value the image holds at that moment
+    at (rows[:, i, j], cols[:, i, j]) = (h, w) + its shift.
+
+    The official line `x[h, w], x[h', w'] = x[h', w'], x[h, w]` reads as a swap, but on the numpy
+    (3,) views of an (H, W, 3) image it copies x[h', w'] into x[h, w] and leaves x[h', w'] as it
+    was, so CIFAR-10-C's glass blur copies; done here likewise, in the same order."""
+    x = x.clone()
+    b = torch.arange(x.shape[0], device=x.device)
+    d, (h, w) = max_delta, x.shape[-2:]
+    if d == 1:
+        # shifts are -1 or 0, so every source is visited after its target: the loop only ever
+        # reads unchanged pixels, and one gather from the input does it
+        x[..., 2:h, 2:w] = x[b[:, None, None], :, rows, cols].permute(0, 3, 1, 2).flip((-2, -1))
+        return x
+    for i, hh in enumerate(range(h - d, d, -1)):                         # d > 1: a later pixel can
+        for j, ww in enumerate(range(w - d, d, -1)):                     # read one already written
+            x[:, :, hh, ww] = x[b, :, rows[:, i, j], cols[:, i, j]]
+    return x
+
+
+def _glass_blur(x, c, generator):
+    """skimage Gaussian blur (truncate 4, 'nearest' border), truncation to 8 bits (np.uint8), `rounds`
+    of glass_shuffle, the same blur again. Shifts (dx, dy) are uniform on -d..d-1 like
+    np.random.randint(-d, d) (for d = 1: -1 or 0, so pixels come from above/left only)."""
+    sigma, d, rounds = c
+    b, _, h, w = x.shape
+    x = torch.floor(_gaussian_blur(x, sigma, None) * 255) / 255             # np.uint8 truncates
+    shifts = (torch.floor(_rand((rounds, 2, b, h - 2 * d, w - 2 * d), generator, x.device) * 2 * d) - d).long()
+    grid = torch.arange(h - d, d, -1, device=x.device)[:, None], torch.arange(w - d, d, -1, device=x.device)
+    for dx, dy in shifts:
+        x = glass_shuffle(x, grid[0] + dy, grid[1] + dx, d)
+    return _gaussian_blur(x, sigma, None)
+
+
+def motion_taps(radius, sigma, angles):
+    """ImageMagick's MotionBlurImage taps: width = 2 ceil(radius) + 1 weights exp(-i^2 / 2 sigma^2),
+    i = 0..width-1, normalised (one-sided: the Gaussian starts at the pixel itself); tap i reads the
+    pixel i steps along the angle, (dx, dy) = (ceil(i cos a - 1/2), ceil(i sin a - 1/2)), y down.
+    Returns weights (width,) float64 and integer dx, dy (B, width) for angles (B,) in degrees."""
+    width = 2 * math.ceil(radius) + 1
+    i = torch.arange(width, dtype=torch.float64)
+    weights = torch.exp(-i ** 2 / (2 * sigma ** 2))
+    a = torch.deg2rad(angles.detach().cpu().double())[:, None]
+    dx, dy = torch.ceil(i * torch.cos(a) - 0.5), torch.ceil(i * torch.sin(a) - 0.5)
+    return weights / weights.sum(), dx.long(), dy.long()
+
+
+def motion_kernel(radius, sigma, angle):
+    """The motion blur at one angle as a square correlation kernel (2 width - 1)^2 for `_filter`: the
+    taps of `motion_taps` placed at their offsets from the centre (taps that round to the same
+    offset add up). Sums to 1; all weight lies on the half-line from the centre along the angle."""
+    weights, dx, dy = motion_taps(radius, sigma, torch.tensor([float(angle)]))
+    centre = len(weights) - 1
+    kernel = torch.zeros(2 * centre + 1, 2 * centre + 1, dtype=torch.float64)
+    kernel.index_put_((centre + dy[0], centre + dx[0]), weights, accumulate=True)
+    return kernel
+
+
+def motion_blur_at(x, radius, sigma, angles):
+    """Blur image b along angles[b] degrees: out(p) = sum_i w_i x(p + offset_i), reading past the
+    border the nearest edge pixel (ImageMagick's default 'edge' virtual pixels). A gather per tap,
+    not a (2 width - 1)^2 convolution per image."""
+    weights, dx, dy = motion_taps(radius, sigma, angles)
+    b, ch, h, w = x.shape
+    rows, cols = torch.arange(h), torch.arange(w)
+    flat, out = x.flatten(2), torch.zeros_like(x.flatten(2))
+    for i, weight in enumerate(weights.tolist()):
+        r = (rows + dy[:, i, None]).clamp(0, h - 1)                   # (B, H): clamp = edge pixels
+        q = (cols + dx[:, i, None]).clamp(0, w - 1)                   # (B, W)
+        index = (r[:, :, None] * w + q[:, None, :]).flatten(1).to(x.device)
+        out += weight * flat.gather(2, index[:, None].expand(-1, ch, -1))
+    return out.view_as(x)
+
+
+def _motion_blur(x, c, generator):
+    """Wand's MotionImage.motion_blur(radius, sigma, angle ~ U(-45, 45)) per image. Differs: float in
+    and out (ImageMagick reads and writes 8-bit PNG; `corrupt_split` rounds at the end)."""
+    angles = -45 + 90 * _rand((x.shape[0],), generator, "cpu")
+    return motion_blur_at(x, *c, angles)
+
+
+def clipped_zoom(x, factor):
+    """make_cifar_c's clipped_zoom on (B, C, H, W): crop the centre ceil(n / factor) pixels, zoom
+    them to round(m * factor) with scipy.ndimage.zoom(order=1), which samples input o (m - 1) / (M - 1)
+    for output o, i.e. bilinear with align_corners=True, and cut the centre n. Same numbers as scipy
+    up to float32 rounding; H and W are cropped apart (the official assumes square images)."""
+    h, w = x.shape[-2:]
+    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    zh, zw = round(ch * factor), round(cw * factor)                   # scipy's int(round(m * factor))
+    zoomed = F.interpolate(x[..., top:top + ch, left:left + cw], size=(zh, zw), mode="bilinear",
+                           align_corners=True)
+    top, left = (zh - h) // 2, (zw - w) // 2
+    return zoomed[..., top:top + h, left:left + w]
+
+
+def _zoom_blur(x, c, generator):
+    """Mean of the image and its clipped zooms by 1.00, 1.01, ... below c (so the image counts twice:
+    once itself, once as the zoom by 1.00), as make_cifar_c. No randomness."""
+    factors = np.arange(1, c, 0.01)                                    # the official's float steps
+    out = x.clone()
+    for factor in factors.tolist():
+        out += clipped_zoom(x, factor)
+    return out / (len(factors) + 1)
+
+
+def _snow(x, c, generator):
+    """make_cifar_c's snow: a flake layer N(mean, std^2) per pixel, clipped_zoom, values below the
+    threshold set to 0, stored as an 8-bit grey image (floor), motion-blurred at an angle
+    U(-135, -45) and read back as 8 bits (rounded); the image is brightened to keep*x + (1 - keep) *
+    max(x, 1.5 grey + 0.5), grey = 0.299 R + 0.587 G + 0.114 B (cv2 RGB2GRAY), and the layer added
+    twice, as is and rotated 180 degrees. Differs: the motion blur is `motion_blur_at`'s."""
+    mean, std, zoom, threshold, radius, sigma, keep = c
+    b, _, h, w = x.shape
+    flakes = clipped_zoom(mean + std * _rand((b, 1, h, w), generator, x.device, normal=True), zoom)
+    flakes = torch.where(flakes < threshold, torch.zeros_like(flakes), flakes)
+    flakes = torch.floor(flakes.clamp(0, 1) * 255) / 255                # PIL 'L' image from astype(uint8)
+    angles = -135 + 90 * _rand((b,), generator, "cpu")
+    flakes = torch.round(motion_blur_at(flakes, radius, sigma, angles) * 255) / 255
+    grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
+    x = keep * x + (1 - keep) * torch.maximum(x, grey * 1.5 + 0.5)
+    return x + flakes + flakes.flip((-2, -1))
+
+
+def _smooth_reflect(x, sigma, truncate):
+    """skimage gaussian(mode='reflect', truncate) of each (H, W) map: separable Gaussian of radius
+    int(truncate sigma + 0.5), the border continued by half-sample symmetry (d c b a | a b c d),
+    scipy's 'reflect' (torch's own 'reflect' pad leaves the edge pixel out)."""
+    radius, ch = int(truncate * sigma + 0.5), x.shape[1]
+    k = _gaussian_1d(sigma, radius).to(x.device, x.dtype)
+    for dim, shape in ((-1, (1, -1)), (-2, (-1, 1))):
+        n = x.shape[dim]
+        i = torch.arange(-radius, n + radius) % (2 * n)                # any radius, even > n
+        x = x.index_select(dim, torch.where(i < n, i, 2 * n - 1 - i).to(x.device))
+        x = F.conv2d(x, k.view(1, 1, *shape).expand(ch, 1, *shape), groups=ch)
+    return x
+
+
+def affine_warp(x, src, dst):
+    """cv2.warpAffine(x, getAffineTransform(src, dst), borderMode=BORDER_REFLECT_101) for point
+    triples src, dst (B, 3, 2) as (col, row): output p reads input M^-1 p, M the affine map taking
+    src to dst, bilinearly; reflect-101 borders = grid_sample 'reflection' with align_corners=True
+    (it mirrors about the edge pixels' centres). Differs: cv2 rounds sample positions to 1/32 pixel."""
+    b, _, h, w = x.shape
+    ones = torch.ones(b, 3, 1, dtype=torch.float64)
+    inv = torch.linalg.solve(torch.cat([dst, ones], 2), src)            # [dst 1] @ inv = src: M^-1
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    at = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ inv[:, None]  # (B, H, W, 2) input (col, row)
+    scale = torch.tensor([w - 1, h - 1], dtype=torch.float64).clamp_min(1)
+    grid = (2 * at / scale - 1).to(x.device, x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+
+
+def displace(x, shift):
+    """scipy map_coordinates(order=1, mode='reflect'): output (row, col) reads (row + dy, col + dx)
+    bilinearly, shift (B, 2, H, W) = (dx, dy) in pixels; 'reflect' is half-sample symmetric, which is
+    grid_sample 'reflection' with align_corners=False (mirror about the image's outer edges)."""
+    h, w = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    at = torch.stack([xs, ys], -1).to(x.device, x.dtype) + shift.permute(0, 2, 3, 1)
+    size = torch.tensor([w, h], device=x.device, dtype=x.dtype)
+    return F.grid_sample(x, (2 * at + 1) / size - 1, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def _elastic_transform(x, c, generator):
+    """make_cifar_c's elastic_transform: (1) a random affine_warp moving the points (cx + s, cy + s),
+    (cx + s, cy - s), (cx - s, cy - s), s = side // 3, by U(-jitter, jitter) each coordinate;
+    (2) displace by alpha times U(-1, 1) fields smoothed by a Gaussian (sigma, truncate 3,
+    half-sample symmetric border). Both steps bilinear, as the official (cv2 INTER_LINEAR,
+    map_coordinates order 1). Differs: (alpha, sigma, jitter) are fractions of min(H, W), so 32x32
+    gets the official pixels and 64x64 twice them; see affine_warp for cv2's 1/32-pixel positions."""
+    b, _, h, w = x.shape
+    alpha, sigma, jitter = (v * min(h, w) for v in c)
+    cx, cy, s = w // 2, h // 2, min(h, w) // 3
+    src = torch.tensor([[cx + s, cy + s], [cx + s, cy - s], [cx - s, cy - s]], dtype=torch.float64)
+    dst = src + jitter * (2 * _rand((b, 3, 2), generator, "cpu").double() - 1)
+    x = affine_warp(x, src.expand(b, 3, 2), dst)
+    shift = 2 * _rand((b, 2, h, w), generator, x.device) - 1           # channel 0: dx, 1: dy
+    return displace(x, alpha * (_smooth_reflect(shift, sigma, 3.0) if sigma > 0 else shift))
+
+
 _CORRUPTION_FNS = {
     "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
     "speckle_noise": _speckle_noise, "defocus_blur": _defocus_blur, "gaussian_blur": _gaussian_blur,
     "fog": _fog, "brightness": _brightness, "contrast": _contrast, "saturate": _saturate,
-    "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
+    "pixelate": _pixelate, "jpeg_compression": _jpeg_compression, "glass_blur": _glass_blur,
+    "motion_blur": _motion_blur, "zoom_blur": _zoom_blur, "snow": _snow, "elastic_transform": _elastic_transform,
 }
 
 

@@ -990,7 +990,7 @@ def bench_mask(args):
     """Time the RGP mask on the parameter shapes of ResNet-18 and WRN-34-10 (random gradients)."""
     import kernels
     shapes = {}
-    for name in ("resnet18", "wrn34_10"):
+    for name in ("resnet18", "resnet50", "wrn34_10"):
         with torch.device("meta"):
             shapes[name] = [tuple(p.shape) for _, p in rf.masked_parameters(rf.build_model(name))]
     return dict(bench="mask", **kernels.bench_mask(shapes, percentile=30.0, alpha=0.1, reps=args.reps,
@@ -1138,13 +1138,13 @@ def bench_report(args):
     scale = args.width / rf.MODELS[args.model][1] if args.width is not None else (1.0 if on_cuda else 1 / 8)
     batch = args.batch_size if args.batch_size_given else (128 if on_cuda else 16)
     reps = args.reps
-    widths = {name: max(1, round(rf.MODELS[name][1] * scale)) for name in ("resnet18", "wrn34_10")}
+    widths = {name: max(1, round(rf.MODELS[name][1] * scale)) for name in ("resnet18", "resnet50", "wrn34_10", args.model)}
     report = dict(bench="report", device=str(args.device),
                   device_name=torch.cuda.get_device_name(args.device) if on_cuda else cpu_name(),
                   threads=torch.get_num_threads(), batch=batch, widths=widths, attack_steps=args.attack_steps,
                   reps=reps, device_settings=args.device_settings, versions=versions())
     print("(a) RGP mask on real gradients", file=sys.stderr)
-    report["mask"] = report_mask(("resnet18", "wrn34_10"), scale, batch, args.device, reps)
+    report["mask"] = report_mask(("resnet18", "resnet50", "wrn34_10"), scale, batch, args.device, reps)
     print("(b, e) training steps", file=sys.stderr)
     report["step"] = {amp: report_steps(args, widths[args.model], batch, reps, sync, amp) for amp in ("none", "bf16")}
     print("(c) epoch throughput", file=sys.stderr)

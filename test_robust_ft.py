@@ -1138,7 +1138,7 @@ def test_corruptions_keep_shape_and_range_and_grow_with_severity(name):
         assert out.min() >= 0 and out.max() <= 1 and not torch.isnan(out).any()
         assert torch.equal(out, rf.corrupt(x, name, s, torch.Generator().manual_seed(0)))   # seeded
         change.append((out - x).abs().mean().item())
-    if name != "saturate":                                     # saturate's severities are not monotone
+    if name not in ("saturate", "elastic_transform"):          # not monotone (see their tests)
         assert change[1] > change[0] > 0
 
 
@@ -1147,8 +1147,10 @@ def test_corrupt_rejects_bad_severity_name_and_shape():
     for s in (0, 6, 2.5, True):
         with pytest.raises(ValueError, match="severity"):
             rf.corrupt(x, "fog", s)
-    with pytest.raises(ValueError, match="snow.*gaussian_noise"):
-        rf.corrupt(x, "snow", 1)
+    with pytest.raises(ValueError, match="'frost' .frost is read from the CIFAR-10-C files.*gaussian_noise"):
+        rf.corrupt(x, "frost", 1)
+    with pytest.raises(ValueError, match="'spatter'; choose one of.*elastic_transform"):
+        rf.corrupt(x, "spatter", 1)
     with pytest.raises(ValueError, match="shape"):
         rf.corrupt(x[:, :1], "contrast", 1)
 
@@ -1220,6 +1222,301 @@ def test_pixelate_and_jpeg_match_pil(severity):
     # PIL rounds to uint8 between the two resizes: at most one level apart
     assert (rf.corrupt(x, "pixelate", severity) - as_float(pix)).abs().max() <= 1 / 255 + 1e-6
     assert (rf.corrupt(x, "jpeg_compression", severity) - as_float(jpg)).abs().mean() <= 0.5 / 255
+
+
+# --- The five blurs, snow and elastic transform: against hand-written and scipy computations ------------
+# make_cifar_c.py's severities are not all monotone in the change they make (glass blur, motion blur
+# at 3 and 4, elastic transform): each test checks what the official parameters give.
+
+NEW_CORRUPTIONS = ["glass_blur", "motion_blur", "zoom_blur", "snow", "elastic_transform"]
+
+
+def gen(seed=0):
+    """A seeded CPU generator."""
+    return torch.Generator().manual_seed(seed)
+
+
+def corrupt6(x, name, severity, seed=0):
+    return rf._CORRUPTION_FNS[name](x, rf.CORRUPTION_PARAMS[name][severity - 1], gen(seed)).clamp(0, 1)
+
+
+def change(name, severity, x):
+    return (corrupt6(x, name, severity) - x).abs().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# All five: shape, range, seed, 64x64, severity trend
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("name", NEW_CORRUPTIONS)
+def test_shape_range_no_nan_and_seeded(name, size):
+    x = smooth_images(2, size)
+    for s in (1, 3, 5):
+        out = corrupt6(x, name, s)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert out.min() >= 0 and out.max() <= 1 and not torch.isnan(out).any()
+        assert torch.equal(out, corrupt6(x, name, s))                     # same seed, same images
+        assert (out - x).abs().mean() > 1e-3                               # it does something
+        if name != "zoom_blur":                                            # the one without randomness
+            assert not torch.equal(out, corrupt6(x, name, s, seed=1))
+
+
+@pytest.mark.parametrize("name", ["motion_blur", "zoom_blur", "snow"])
+def test_change_grows_with_severity(name):
+    x = smooth_images()
+    assert change(name, 1, x) < change(name, 3, x) < change(name, 5, x)
+
+
+def test_motion_blur_severities_3_and_4_are_the_same_blur():
+    """(6, 2) and (8, 2): radius 8 only adds taps 13..16 of weight < exp(-144 / 8) = 1.5e-8."""
+    x = smooth_images()
+    assert torch.allclose(corrupt6(x, "motion_blur", 3), corrupt6(x, "motion_blur", 4), atol=1e-6)
+
+
+def test_glass_blur_two_rounds_change_more_than_one():
+    """Not monotone in mean |change|: severities 1-3 shuffle once, 4-5 twice, and the extra blur of
+    3 (sigma 0.4) and 5 slightly smooths the shuffle's jumps away (3 < 1, 5 < 4 measured)."""
+    x = smooth_images()
+    one, two = [change("glass_blur", s, x) for s in (1, 2, 3)], [change("glass_blur", s, x) for s in (4, 5)]
+    assert min(two) > 1.5 * max(one)
+
+
+def test_elastic_total_change_shrinks_while_the_elastic_part_grows():
+    """The official parameters trade affine jitter (2.56 px at severity 1 down to 0.96 px at 5) for
+    local displacement: the mean change falls with severity; with the jitter set to 0 the
+    displacement alone grows."""
+    x = smooth_images()
+    total = [change("elastic_transform", s, x) for s in (1, 3, 5)]
+    assert total[0] > total[1] > total[2]
+    local = []
+    for s in (1, 3, 5):
+        alpha, sigma, _ = rf.CORRUPTION_PARAMS["elastic_transform"][s - 1]
+        out = rf._elastic_transform(x, (alpha, sigma, 0.0), gen()).clamp(0, 1)
+        local.append((out - x).abs().mean().item())
+    assert local[0] < 1e-5 < local[1] < local[2]
+
+
+# -----------------------------------------------------------------------------
+# Glass blur
+# -----------------------------------------------------------------------------
+
+def numpy_shuffle(img, rows, cols, d):
+    """make_cifar_c's loop on one (H, W, 3) numpy image, with the given target positions."""
+    img = img.copy()
+    h, w = img.shape[:2]
+    for i, hh in enumerate(range(h - d, d, -1)):
+        for j, ww in enumerate(range(w - d, d, -1)):
+            h2, w2 = int(rows[i, j]), int(cols[i, j])
+            img[hh, ww], img[h2, w2] = img[h2, w2], img[hh, ww]     # views: a copy, not a swap
+    return img
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_glass_shuffle_matches_the_official_numpy_loop(d):
+    x = torch.randperm(3 * 2 * 16 * 16, generator=gen()).view(2, 3, 16, 16).double()   # all distinct
+    n = 16 - 2 * d
+    shifts = torch.randint(-d, d, (2, 2, n, n), generator=gen(1))          # (dx, dy), like randint(-d, d)
+    grid = torch.arange(16 - d, d, -1)
+    rows, cols = grid[:, None] + shifts[1], grid + shifts[0]
+    out = rf.glass_shuffle(x, rows, cols, d)
+    for b in range(2):
+        expect = numpy_shuffle(x[b].permute(1, 2, 0).numpy(), rows[b].numpy(), cols[b].numpy(), d)
+        assert np.array_equal(out[b].permute(1, 2, 0).numpy(), expect)
+
+
+def test_glass_shuffle_copies_from_above_left_and_loses_values():
+    """d = 1, shifts -1 or 0: every source (h + dy, w + dx) is visited after (h, w), so each pixel
+    gets the INPUT's value there (one gather does the whole loop); rows and columns 0, 1 stay. It
+    copies, so values are lost: the multiset is not kept, as it would be by a true swap."""
+    x = torch.randperm(2 * 3 * 32 * 32, generator=gen()).view(2, 3, 32, 32).double()   # all distinct
+    dx, dy = torch.randint(-1, 1, (2, 2, 30, 30), generator=gen(1))
+    grid = torch.arange(31, 1, -1)
+    out = rf.glass_shuffle(x, grid[:, None] + dy, grid + dx, 1)
+    assert torch.equal(out[..., :2, :], x[..., :2, :]) and torch.equal(out[..., :2], x[..., :2])
+    b = torch.arange(2)[:, None, None]
+    gathered = x[b, :, grid[:, None] + dy, grid + dx].permute(0, 3, 1, 2)  # (2, 3, 30, 30), rows 31..2
+    assert torch.equal(out[..., 2:, 2:], gathered.flip((-2, -1)))
+    assert out.unique().numel() < x.unique().numel()
+
+
+def test_glass_blur_is_blur_quantise_shuffle_blur():
+    x = smooth_images(2)
+    sigma, d, rounds = rf.CORRUPTION_PARAMS["glass_blur"][4]
+    u = rf._rand((rounds, 2, 2, 30, 30), gen(3), "cpu")                   # the draws _glass_blur makes
+    shifts = (torch.floor(u * 2 * d) - d).long()
+    assert shifts.min() == -1 and shifts.max() == 0                       # randint(-1, 1): -1 or 0
+    y = torch.floor(rf._gaussian_blur(x, sigma, None) * 255) / 255
+    grid = torch.arange(31, 1, -1)
+    for dx, dy in shifts:
+        y = rf.glass_shuffle(y, grid[:, None] + dy, grid + dx, d)
+    assert torch.allclose(rf._glass_blur(x, (sigma, d, rounds), gen(3)), rf._gaussian_blur(y, sigma, None))
+
+
+# -----------------------------------------------------------------------------
+# Motion blur
+# -----------------------------------------------------------------------------
+
+def test_motion_kernel_is_one_sided_along_the_angle_and_sums_to_one():
+    k = rf.motion_kernel(6, 2, 0.0)                                        # width 2 ceil(6) + 1 = 13
+    assert k.shape == (25, 25) and abs(k.sum().item() - 1) < 1e-12
+    nonzero = k.nonzero().tolist()
+    assert nonzero == [[12, 12 + i] for i in range(13)]                    # centre row, to the right only
+    row = k[12, 12:]
+    assert torch.all(row[1:] < row[:-1])                                   # Gaussian falling from the pixel
+    assert torch.allclose(row / row[0], torch.exp(-torch.arange(13.0, dtype=torch.float64) ** 2 / 8))
+    down = rf.motion_kernel(6, 2, 90.0)                                    # y points down
+    assert torch.equal(down, k.T)
+    diag = rf.motion_kernel(6, 2, 45.0).nonzero().tolist()                 # round(i / sqrt 2), both axes
+    assert all(r == c and r >= 12 for r, c in diag)
+    up_right = rf.motion_kernel(6, 2, -45.0).nonzero().tolist()
+    assert all(r - 12 == -(c - 12) and c >= 12 for r, c in up_right)
+
+
+@pytest.mark.parametrize("angle", [0.0, 17.0, -45.0, 90.0, 200.0])
+def test_motion_blur_at_is_the_kernel_with_edge_pixels(angle):
+    x = smooth_images(1)
+    expect = rf._filter(x.double(), rf.motion_kernel(9, 2.5, angle), "replicate")
+    assert torch.allclose(rf.motion_blur_at(x.double(), 9, 2.5, torch.tensor([angle])), expect, atol=1e-12)
+
+
+def test_motion_blur_draws_one_angle_per_image_in_plus_minus_45():
+    x = smooth_images(3)
+    angles = -45 + 90 * rf._rand((3,), gen(5), "cpu")
+    assert angles.abs().max() <= 45
+    assert torch.equal(rf._motion_blur(x, (6, 1), gen(5)), rf.motion_blur_at(x, 6, 1, angles))
+    flat = torch.full((2, 3, 32, 32), 0.3)
+    assert torch.allclose(rf._motion_blur(flat, (9, 2.5), gen()), flat, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Zoom blur
+# -----------------------------------------------------------------------------
+
+def numpy_zoom_1d(n, factor):
+    """The clipped zoom along one axis as an (n, n) matrix, written with np.interp."""
+    m = int(np.ceil(n / factor))
+    big = int(round(m * factor))
+    start, cut = (n - m) // 2, (big - n) // 2
+    at = np.arange(big) * (m - 1) / (big - 1)                               # output o samples input o (m-1)/(M-1)
+    eye = np.eye(n)[start:start + m]                                        # (m, n): the crop
+    rows = np.stack([np.interp(at, np.arange(m), eye[:, k]) for k in range(n)], 1)
+    return rows[cut:cut + n]
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.03, 1.12, 1.25, 1.75, 2.25])
+def test_clipped_zoom_matches_a_hand_written_linear_zoom(factor):
+    x = torch.rand(2, 3, 32, 32, generator=gen(), dtype=torch.float64)
+    a = torch.from_numpy(numpy_zoom_1d(32, factor))
+    assert torch.allclose(rf.clipped_zoom(x, factor), a @ x @ a.T, atol=1e-12)
+    if factor == 1.0:
+        assert torch.equal(rf.clipped_zoom(x, factor), x)
+
+
+def test_clipped_zoom_matches_scipy_zoom():
+    ndi = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(1, 3, 32, 32, generator=gen(), dtype=torch.float64)
+    img = x[0].permute(1, 2, 0).numpy()
+    for factor in (1.04, 1.25, 2.25):
+        m = int(np.ceil(32 / factor))
+        top = (32 - m) // 2
+        z = ndi.zoom(img[top:top + m, top:top + m], (factor, factor, 1), order=1)
+        cut = (z.shape[0] - 32) // 2
+        expect = torch.from_numpy(z[cut:cut + 32, cut:cut + 32]).permute(2, 0, 1)
+        assert torch.allclose(rf.clipped_zoom(x, factor)[0], expect, atol=1e-12)
+
+
+def test_zoom_blur_keeps_a_constant_image_and_counts_the_official_factors():
+    flat = torch.full((1, 3, 32, 32), 0.4)
+    assert torch.allclose(rf._zoom_blur(flat, 1.26, None), flat, atol=1e-6)
+    assert [len(np.arange(1, c, 0.01)) for c in rf.CORRUPTION_PARAMS["zoom_blur"]] == [7, 12, 16, 21, 26]
+    x = torch.rand(1, 3, 32, 32, generator=gen(), dtype=torch.float64)
+    zooms = [rf.clipped_zoom(x, f) for f in np.arange(1, 1.06, 0.01)]
+    assert torch.allclose(rf._zoom_blur(x, 1.06, None), (x + sum(zooms)) / 8, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# Snow
+# -----------------------------------------------------------------------------
+
+def brightened(x, keep):
+    grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+    return keep * x + (1 - keep) * torch.maximum(x, 1.5 * grey + 0.5)
+
+
+def test_snow_without_flakes_is_the_brightened_image():
+    x = smooth_images(2)
+    c = list(rf.CORRUPTION_PARAMS["snow"][4])
+    c[3] = 10.0                                                             # threshold above every flake
+    assert torch.allclose(rf._snow(x, tuple(c), gen()), brightened(x, c[6]), atol=1e-6)
+    c[6] = 1.0
+    assert torch.allclose(rf._snow(x, tuple(c), gen()), x, atol=1e-6)
+
+
+def test_snow_constant_flakes_are_quantised_blurred_and_added_twice():
+    x = smooth_images(2) * 0.5
+    out = rf._snow(x, (0.3, 0.0, 1.75, 0.0, 10, 4, 1.0), gen())           # std 0: every flake 0.3
+    assert torch.allclose(out, x + 2 * 76 / 255, atol=1e-6)                 # floor(0.3 * 255) = 76
+
+
+def test_snow_layer_is_added_with_its_180_degree_rotation():
+    x = torch.zeros(3, 3, 32, 32)
+    out = rf._snow(x, rf.CORRUPTION_PARAMS["snow"][2][:6] + (1.0,), gen())       # keep 1: only the layers
+    assert torch.equal(out, out.flip((-2, -1))) and out.max() > 0.1
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])   # white flakes
+
+
+# -----------------------------------------------------------------------------
+# Elastic transform
+# -----------------------------------------------------------------------------
+
+def test_elastic_without_jitter_or_displacement_is_the_identity():
+    x = smooth_images(2)
+    assert torch.allclose(rf._elastic_transform(x, (0.0, 0.0, 0.0), gen()), x, atol=1e-5)
+    x64 = smooth_images(2, 64)
+    assert torch.allclose(rf._elastic_transform(x64, (0.0, 0.0, 0.0), gen()), x64, atol=1e-5)
+
+
+def test_affine_warp_translation_reflects_about_the_edge_pixel():
+    x = torch.rand(1, 3, 8, 8, generator=gen(), dtype=torch.float64)
+    src = torch.tensor([[[6.0, 6.0], [6.0, 2.0], [2.0, 2.0]]], dtype=torch.float64)
+    out = rf.affine_warp(x, src, src + torch.tensor([1.0, 0.0]))          # move right one pixel
+    assert torch.allclose(out[..., 1:], x[..., :-1]) and torch.allclose(out[..., 0], x[..., 1])  # reflect-101
+    half = rf.affine_warp(x, src, src + torch.tensor([0.0, 0.5]))         # down half a pixel: bilinear
+    assert torch.allclose(half[..., 1:, :], (x[..., 1:, :] + x[..., :-1, :]) / 2)
+    assert torch.allclose(half[..., 0, :], (x[..., 0, :] + x[..., 1, :]) / 2)
+
+
+def test_displace_by_whole_pixels_reads_the_neighbour_with_symmetric_border():
+    x = torch.rand(1, 3, 8, 8, generator=gen(), dtype=torch.float64)
+    right = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    right[:, 0] = 1.0                                                       # dx = 1: read col + 1
+    out = rf.displace(x, right)
+    assert torch.allclose(out[..., :-1], x[..., 1:]) and torch.allclose(out[..., -1], x[..., -1])
+    up = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    up[:, 1] = -1.0                                                         # dy = -1: read row - 1
+    out = rf.displace(x, up)
+    assert torch.allclose(out[..., 1:, :], x[..., :-1, :]) and torch.allclose(out[..., 0, :], x[..., 0, :])
+
+
+def test_elastic_pieces_match_scipy():
+    ndi = pytest.importorskip("scipy.ndimage")
+    field = torch.rand(1, 2, 32, 32, generator=gen(), dtype=torch.float64)
+    for sigma in (0.96, 6.4, 40.0):                                         # 40: wider than the image
+        expect = [ndi.gaussian_filter(field[0, i].numpy(), sigma, mode="reflect", truncate=3) for i in range(2)]
+        assert np.allclose(rf._smooth_reflect(field, sigma, 3.0)[0].numpy(), np.stack(expect), atol=1e-12)
+    x = torch.rand(1, 1, 32, 32, generator=gen(1), dtype=torch.float64)
+    shift = 4 * (2 * torch.rand(1, 2, 32, 32, generator=gen(2), dtype=torch.float64) - 1)
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    expect = ndi.map_coordinates(x[0, 0].numpy(), [rows + shift[0, 1].numpy(), cols + shift[0, 0].numpy()],
+                                 order=1, mode="reflect")
+    assert np.allclose(rf.displace(x, shift)[0, 0].numpy(), expect, atol=1e-12)
+    src = torch.tensor([[[26.0, 26.0], [26.0, 6.0], [6.0, 6.0]]], dtype=torch.float64)
+    dst = src + 2.56 * (2 * torch.rand(1, 3, 2, generator=gen(3), dtype=torch.float64) - 1)
+    a = np.concatenate([dst[0].numpy(), np.ones((3, 1))], 1)
+    back = np.stack([cols, rows, np.ones_like(rows)], -1) @ np.linalg.solve(a, src[0].numpy())
+    expect = ndi.map_coordinates(x[0, 0].numpy(), [back[..., 1], back[..., 0]], order=1, mode="mirror")
+    assert np.allclose(rf.affine_warp(x, src, dst)[0, 0].numpy(), expect, atol=1e-12)   # mirror = reflect-101
 
 
 def test_plasma_fractal_is_a_normalised_seeded_height_map():
@@ -1642,6 +1939,16 @@ def test_grads_alias_g_nat(dev):
     rf.rgp_mask_(ref, [g.clone() for g in grads_nat], grads_adv, 0.1, 30.0)
     kernels.fused_rgp_mask_(grads_nat, grads_nat, grads_adv, 0.1, 30.0)
     assert all(torch.equal(_bits(r), _bits(g)) for r, g in zip(ref, grads_nat))
+
+
+def test_bottleneck_resnet50_gradients(dev):
+    # ResNet-50's 53 masked tensors (1x1 and 3x3 convolutions, the classifier left out) at width 1
+    with torch.device("meta"):
+        model = rf.build_model("resnet50", 10, 1)
+    shapes = [tuple(p.shape) for n, p in rf.masked_parameters(model, exclude=("linear",))]
+    assert len(shapes) == 53 and (4, 1, 1, 1) in shapes
+    gen = torch.Generator().manual_seed(13)
+    _compare(*on(dev, [[_randn(s, gen) for s in shapes] for _ in range(3)]), 0.1, 30.0)
 
 
 def test_launch_count_does_not_grow_with_tensors(dev):
@@ -2479,6 +2786,21 @@ def test_blind_cli_rift_module_skips_mrc_and_changes_only_that_module(natural_ck
     assert m["after"]["clean"] == pytest.approx(clean_accuracy_by_hand(ck["model"], x, y), abs=1e-9)
 
 
+def test_rift_fine_tunes_rifts_published_resnet34_module_and_cure_masks_bottlenecks(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save(rf.build_model("resnet34", 10, 1).state_dict(), tmp_path / "r34.pt")
+    common = ["synthetic", "--device", "cpu", "--width", "1", "--train-size", "32", "--val-size", "8",
+              "--test-size", "8", "--batch-size", "16", "--attacks", "pgd10", "--attack-steps", "1", "--no-autoattack"]
+    m = run_cli(["rift", *common, "--model", "resnet34", "--init", str(tmp_path / "r34.pt"),
+                 "--module", "layer2.3.conv2", "--rift-epochs", "1", "--out", str(tmp_path / "rift")], capsys)
+    assert m["module"] == "layer2.3.conv2" and len(m["alphas"]) == 11
+    m = run_cli(["cure", *common, "--model", "resnet50", "--epochs", "1", "--natural-epochs", "1",
+                 "--out", str(tmp_path / "cure")], capsys)
+    log = [json.loads(line) for line in (tmp_path / "cure" / "log.jsonl").read_text().splitlines()]
+    fraction = next(e["updated_fraction"] for e in log if "updated_fraction" in e)
+    assert len(fraction) == 53 and "layer4.2.conv3.weight" in fraction and "linear.weight" not in fraction
+
+
 def test_blind_cli_rift_mrc_only_ranks_every_conv_and_linear_and_stops(natural_ckpt, tmp_path, capsys):
     out = tmp_path / "mrc"
     m = run_cli(["rift", *FAST, "--init", natural_ckpt, "--mrc-only", "--mrc-size", "8", "--out", str(out)], capsys)
@@ -2798,10 +3120,11 @@ def test_bench_report_fills_every_section_on_the_cpu(tmp_path, capsys):
     report = run_cli(["bench", "report", "--device", "cpu", "--width", "2", "--batch-size", "4", "--reps", "1",
                       "--attack-steps", "1", "--out", str(tmp_path)], capsys)
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
-    for name in ("resnet18", "wrn34_10"):
+    for name in ("resnet18", "resnet50", "wrn34_10"):
         mask = report["mask"][name]
         assert mask["bit_exact"] is True and mask["fused_ran"] is KERNELS_INTERPRETED
         assert mask["plain_ms"] > 0 and mask["numpy_ms"] > 0
+    for name in ("resnet18", "wrn34_10"):
         assert set(report["images_per_s"][name]) == {"natural", "at", "trades", "cure"}
     for amp in ("none", "bf16"):
         step = report["step"][amp]
