@@ -9,13 +9,15 @@ what they run on, then an appendix of support code that the methods call but a r
                   the official code's variant of the mask
   4. RiFT         module robust criticality, module fine-tuning, weight interpolation, OOD accuracy
   5. Evaluation   clean / PGD / CW / AutoAttack accuracy, NRR (Eq. 9)
-  6. Models       ResNet-18, PreAct ResNet-18, WRN-34-10 (CIFAR variants, inputs in [0, 1])
-  7. Data         CIFAR-10/100, SVHN, ImageFolder roots and a synthetic set, kept on the device
+  6. Models       ResNet-18/34/50/101, PreAct ResNet-18, WRN-34-10 (CIFAR variants, inputs in [0, 1])
+  7. Data         CIFAR-10/100, SVHN, Tiny-ImageNet, ImageFolder roots and a synthetic set, on the device
+  8. Analyses     CURE's analyses: CKA of clean vs adversarial features, minimum perturbation, the
+                  layer-wise freezing study, gradient magnitudes, entries updated per phase
   Appendix (not needed to follow the methods):
   A. Checkpoints and RNG state   atomic writes, exact resume
   B. Data parallel               the collectives N processes (torchrun) use to compute what one computes
   C. AutoAttack                  adapters for the official package and pyautoattack
-  D. CIFAR-10-C                  the corruption generators and the .npy loader
+  D. CIFAR-10-C                  the corruption generators and the CIFAR-10/100-C, Tiny-ImageNet-C loaders
   E. RobustBench                 models from its zoo, for RiFT and evaluation
 
 Equation numbers refer to the CURE paper (Conserve-Update-Revise, "CURE"); RiFT refers to
@@ -78,16 +80,25 @@ def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random
     maximisation KL(p(x) || p(x')) started at x + 0.001 * N(0, 1) (Eq. 4). The model is put in
     eval mode (BatchNorm uses running statistics) and restored; parameters get no gradient.
     The random start comes from `generator` (on x's device), or from torch's global generator.
+    `eps` and `step_size` may also be (B,) tensors, one radius and step per example (used by
+    `minimum_perturbation`).
     """
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; choose one of {list(ATTACK_LOSSES)}")
-    if eps < 0:
+    if bool((torch.as_tensor(eps) < 0).any()):
         raise ValueError(f"eps={eps!r} must be >= 0")
+    per_example = torch.is_tensor(eps)
+    if per_example:                                   # (B,) -> (B, 1, 1, 1), to broadcast over images
+        eps = eps.to(x.device, x.dtype).view(-1, *(1,) * (x.dim() - 1))
+    if torch.is_tensor(step_size):
+        step_size = step_size.to(x.device, x.dtype).view(-1, *(1,) * (x.dim() - 1))
     with eval_mode(model), torch.enable_grad():
         if loss == "kl":
             with torch.no_grad():
                 p_nat = F.softmax(model(x), dim=1)
             x_adv = x + 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        elif random_start and per_example:
+            x_adv = x + torch.empty_like(x).uniform_(-1, 1, generator=generator) * eps
         elif random_start:
             x_adv = x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)
         else:
@@ -1516,6 +1527,324 @@ def batches(split, batch_size, generator=None, train=False, rank=0, world_size=1
             x = augment(x, generator)       # the whole batch: every rank consumes the same draws
             x, y = x[mine], y[mine]
         yield x.float().div_(255), y
+
+
+# =============================================================================
+# 8. Analyses (CURE Sections 3, 5 and 6, Appendices D-G): what the method is motivated and explained by
+# =============================================================================
+
+# --- Representation similarity: linear CKA of clean and adversarial features (Fig. 3, App. F.3) ---
+
+def linear_cka(x, y):
+    """CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), columns of X (n, p), Y (n, q) centred.
+
+    Linear CKA of Kornblith et al., "Similarity of Neural Network Representations Revisited"
+    (ICML 2019), Eq. 5 / their `feature_space_linear_cka` (biased HSIC; the 1/(n-1)^2 cancels).
+    In float64. Equals <K, L>_F / (||K||_F ||L||_F) with K = X X^T, L = Y Y^T (centred), which is
+    the form used when n is smaller than the feature count (cheaper, same value). In [0, 1];
+    invariant to orthogonal transforms and isotropic scaling of either side, not to general
+    invertible linear maps. NaN when either side is constant over the n rows (0 / 0).
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"need (n, p) and (n, q) matrices, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    if x.shape[0] < max(x.shape[1], y.shape[1]):      # Gram form: (n, n) products
+        k, l = x @ x.T, y @ y.T
+        return (k * l).sum() / (k.norm() * l.norm())
+    return (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
+
+
+def hsic_unbiased(x, y):
+    """HSIC_1(K, L) = [tr(K'L') + 1'K'1 1'L'1 / ((n-1)(n-2)) - 2/(n-2) 1'K'L'1] / (n(n-3)),
+    K' = X X^T, L' = Y Y^T with zeroed diagonals (Song et al. 2012; Nguyen et al. 2021, Eq. 3).
+
+    The unbiased linear HSIC of one minibatch of n >= 4 rows, in float64: the estimator the
+    official CURE CKA script (`cka/utils/features.py` `calculate_hsic`) averages over minibatches.
+    """
+    n = x.shape[0]
+    if n < 4 or y.shape[0] != n:
+        raise ValueError(f"need the same n >= 4 rows in x and y, got {x.shape[0]} and {y.shape[0]}")
+    k = x.double().flatten(1) @ x.double().flatten(1).T
+    l = y.double().flatten(1) @ y.double().flatten(1).T
+    k.fill_diagonal_(0)
+    l.fill_diagonal_(0)
+    ones = k.new_ones(n)
+    return ((k * l).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (ones @ k @ l @ ones)) / (n * (n - 3))
+
+
+def block_names(model):
+    """A ResNet's stem conv, its blocks (`layerX.Y`) and its classifier, in forward order."""
+    blocks = [n for n, _ in model.named_modules() if n.count(".") == 1 and n.startswith("layer")]
+    return ["conv1", *blocks, classifier_name(model)]
+
+
+def layer_names(model):
+    """Every Conv2d, BatchNorm2d and Linear module, in definition order: the official CKA script's
+    "all" layers (it also hooks ReLU and pooling modules, which this code's ResNet-18 does functionally)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+
+
+def block_features(model, x, names):
+    """{name: output of module `name` on x, flattened to (n, -1)}, via forward hooks.
+
+    The model runs in eval mode (restored afterwards) without gradient; the hooks are removed
+    whatever happens. Hooked outputs are those of the modules themselves: "conv1" is the stem
+    before its BatchNorm and ReLU, "layerX.Y" a BasicBlock after its final ReLU.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"no module named {missing}")
+    out, handles = {}, []
+    try:
+        for n in names:
+            handles.append(modules[n].register_forward_hook(
+                lambda m, inp, output, n=n: out.__setitem__(n, output.detach().flatten(1))))
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def cka_matrix(features_a, features_b):
+    """[[CKA(A_i, B_j)]] = `linear_cka` of every pair of layers of two {name: (n, p)} feature dicts,
+    on all n rows: the cross-layer map of Fig. 3, as {name_a: {name_b: float}}."""
+    return {a: {b: float(linear_cka(fa, fb)) for b, fb in features_b.items()} for a, fa in features_a.items()}
+
+
+def add_hsic_(sums, features_a, features_b):
+    """Accumulate one minibatch's unbiased HSIC into `sums` (None at first): the cross terms
+    HSIC_1(A_i, B_j) and the self terms HSIC_1(A_i, A_i), HSIC_1(B_j, B_j). Returns `sums`."""
+    names_a, names_b = list(features_a), list(features_b)
+    if sums is None:
+        sums = dict(cross=np.zeros((len(names_a), len(names_b))), a=np.zeros(len(names_a)),
+                    b=np.zeros(len(names_b)), names_a=names_a, names_b=names_b)
+    for i, a in enumerate(names_a):
+        sums["a"][i] += float(hsic_unbiased(features_a[a], features_a[a]))
+        for j, b in enumerate(names_b):
+            sums["cross"][i, j] += float(hsic_unbiased(features_a[a], features_b[b]))
+    for j, b in enumerate(names_b):
+        sums["b"][j] += float(hsic_unbiased(features_b[b], features_b[b]))
+    return sums
+
+
+def cka_from_hsic(sums):
+    """Minibatch CKA_ij = mean_b HSIC_1(A_i, B_j) / sqrt(mean_b HSIC_1(A_i, A_i) mean_b HSIC_1(B_j, B_j))
+    (Nguyen et al. 2021; the official CURE CKA script's estimator), from `add_hsic_`'s sums (the
+    1 / batches of the means cancels). {name_a: {name_b: float}}."""
+    cka = sums["cross"] / np.sqrt(np.outer(sums["a"], sums["b"]))
+    return {a: {b: float(cka[i, j]) for j, b in enumerate(sums["names_b"])} for i, a in enumerate(sums["names_a"])}
+
+
+def cka_clean_vs_adversarial(model, data, names, eps=8 / 255, step_size=2 / 255, steps=20, batch_size=256,
+                             seed=0, cross=False, estimator="full"):
+    """CKA(f_l(x), f_l(x_adv)) per layer l: how alike natural and adversarial representations are (Fig. 3).
+
+    x_adv = PGD-`steps` on CE in the L-inf `eps` ball over the Split `data`, the random start of
+    batch i from `batch_generator(seed, i, device)` (as `evaluate`). Returns {name: CKA} (the
+    diagonal), or with cross=True the whole map {name_clean: {name_adv: CKA}} that Fig. 3 draws.
+    estimator "full": exact linear CKA over every image (holds every feature in memory);
+    "minibatch": unbiased HSIC summed batch by batch (constant memory; the official script's
+    default), leaving out a last batch of fewer than 4 images, where HSIC_1 is undefined.
+    """
+    if estimator not in ("full", "minibatch"):
+        raise ValueError(f"unknown estimator {estimator!r}; choose 'full' or 'minibatch'")
+    clean, adv, sums = [], [], None
+    for i, (x, y) in enumerate(batches(data, batch_size)):
+        x_adv = pgd(model, x, y, eps, step_size, steps, loss="ce", generator=batch_generator(seed, i, x.device))
+        features, features_adv = block_features(model, x, names), block_features(model, x_adv, names)
+        if estimator == "full":
+            clean.append(features)
+            adv.append(features_adv)
+        elif len(y) >= 4:
+            sums = add_hsic_(sums, features, features_adv)
+    if estimator == "full":
+        matrix = cka_matrix({n: torch.cat([c[n] for c in clean]) for n in names},
+                            {n: torch.cat([a[n] for a in adv]) for n in names})
+    else:
+        matrix = cka_from_hsic(sums)
+    return matrix if cross else {n: matrix[n][n] for n in names}
+
+
+# --- Minimum perturbation: the smallest L-inf eps at which PGD fools the model (Fig. 8, App. D.1) ---
+
+def fooled(model, x, y, eps, steps, restarts, step_fraction, generator):
+    """fooled_i = OR over `restarts` random starts of [argmax f(PGD_eps_i(x_i)) != y_i], step = step_fraction * eps_i."""
+    out = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    for _ in range(restarts):
+        x_adv = pgd(model, x, y, eps, step_fraction * eps, steps, "ce", True, generator)
+        with eval_mode(model), torch.no_grad():
+            out |= model(x_adv).argmax(1) != y
+    return out
+
+
+def minimum_perturbation(model, x, y, eps_max, tol, steps, restarts, step_fraction, generator):
+    """eps*_i = min {eps in [0, eps_max] : PGD_eps fools f on x_i}, by bisection to `tol` (Fig. 8).
+
+    Per image, vectorised: every image still in play halves its own interval (lo, hi] in each of
+    ceil(log2(eps_max / tol)) rounds, attacked at its midpoint by `fooled` (`restarts` random
+    starts, `steps` steps of step_fraction * eps). Returns hi, float (n,) on x's device: an eps at
+    which the attack succeeded, at most tol above the last eps at which it failed. Images
+    misclassified clean get 0; images the attack never fools at eps_max get +inf. Assumes
+    success is monotone in eps (true for a perfect attack; PGD's is only approximately so), and
+    measures the attack as much as the model: a stronger attack can only lower the values.
+    """
+    if not (eps_max > 0 and tol > 0):
+        raise ValueError(f"eps_max={eps_max!r} and tol={tol!r} must be > 0")
+    with eval_mode(model), torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    result = torch.full((len(y),), math.inf, dtype=torch.float64, device=x.device)
+    result[wrong] = 0.0
+    live = (~wrong).nonzero().squeeze(1)
+    hi = torch.full((len(live),), float(eps_max), dtype=torch.float64, device=x.device)
+    if len(live):
+        ok = fooled(model, x[live], y[live], hi.to(x.dtype), steps, restarts, step_fraction, generator)
+        live, hi = live[ok], hi[ok]
+    lo = torch.zeros_like(hi)
+    for _ in range(max(0, math.ceil(math.log2(eps_max / tol))) if len(live) else 0):
+        mid = (lo + hi) / 2
+        hit = fooled(model, x[live], y[live], mid.to(x.dtype), steps, restarts, step_fraction, generator)
+        hi, lo = torch.where(hit, mid, hi), torch.where(hit, lo, mid)
+    result[live] = hi
+    return result.to(x.dtype)
+
+
+# --- The layer-wise study: adversarial training of some blocks only (Sec. 3, Figs. 2, 4, App. G) ---
+
+LAYERWISE_STEM = ("conv1", "bn1")    # ResNet-18's stem: trained in every U-b run of the official code
+
+
+def layerwise_blocks(blocks, stem=True):
+    """U-b -> the prefixes trained: digit i in 1..4 is `layer{i}`, 5 the classifier `linear` (App. G).
+
+    "23" -> ("conv1", "bn1", "layer2", "layer3"): U-23 trains blocks 2 and 3 and keeps block 1,
+    block 4 and "the final layer 5" (the classifier) frozen (App. G). The stem (conv1, bn1) is
+    named nowhere in the paper; the official code (NeurAI-Lab/CURE `utilities/reinit_util.py`,
+    `ReInit.freeze_layers`) never freezes it, so stem=True (the default) trains it too;
+    stem=False freezes it (the literal reading of "the rest of the network frozen").
+    """
+    digits = str(blocks)
+    if not digits or any(d not in "12345" for d in digits) or len(set(digits)) != len(digits):
+        raise ValueError(f"blocks={blocks!r}: give distinct digits 1-4 (ResNet-18 blocks) and 5 (classifier)")
+    chosen = tuple("linear" if d == "5" else f"layer{d}" for d in sorted(digits))
+    return (LAYERWISE_STEM if stem else ()) + chosen
+
+
+def _under(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def freeze_all_but(model, trainable_prefixes):
+    """requires_grad = [name starts with a prefix] for every parameter; returns the trainable names.
+
+    A prefix matches whole name components ("layer1" is not "layer10"); one that matches no
+    parameter is an error. The optimiser must then be built over the trainable parameters
+    (`make_optimizer` does). BatchNorm running statistics are buffers: see `freeze_bn_`.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    unused = [p for p in trainable_prefixes if not any(_under(n, [p]) for n in names)]
+    if unused:
+        raise ValueError(f"prefixes {unused} match no parameter")
+    for n, p in model.named_parameters():
+        p.requires_grad_(_under(n, trainable_prefixes))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _force_eval(module, inputs):
+    module.training = False
+
+
+def freeze_bn_(model, trainable_prefixes):
+    """Every BatchNorm outside the prefixes runs in eval mode: running statistics used, never updated.
+
+    A forward pre-hook sets the module's `training` to False before each forward, so the freeze
+    survives `model.train()` (which `train_epoch` calls, and `pgd`'s eval_mode restores).
+    Returns the hook handles; `h.remove()` for each undoes it (the next model.train() then puts
+    the modules back in train mode). Not the official layer-wise runs, whose frozen blocks' BN
+    statistics keep adapting: an ablation for a strict freeze.
+    """
+    return [m.register_forward_pre_hook(_force_eval) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, trainable_prefixes)]
+
+
+@torch.no_grad()
+def reinitialize_(model, prefixes, generator=None):
+    """The official re-initialisation of U-b's updated blocks (`ReInit.re_init_weights`, Fig. 2b).
+
+    Conv weights under the prefixes: Kaiming uniform, fan_out, ReLU gain (bound sqrt(6 / fan_out));
+    the classifier ("linear"): weight N(0, 0.01^2), bias 0. BatchNorm is left as trained
+    (the official --reinit_bn is off by default). Fig. 11 is the same study without this call.
+    """
+    for n, m in model.named_modules():
+        if not _under(n, prefixes):
+            continue
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+        elif isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, 0.01, generator=generator)
+            m.bias.zero_()
+
+
+# --- Gradient magnitudes (Fig. 6a) and the entries updated in each phase of training (Figs. 6b, 10) ---
+
+def conv2_names(model):
+    """The `layerX.Y.conv2.weight` parameters of a ResNet: each block's second convolution (Fig. 6a)."""
+    return [n for n, _ in model.named_parameters() if n.startswith("layer") and n.endswith(".conv2.weight")]
+
+
+def gradient_magnitudes(grads):
+    """m_i = mean_j |g_ij| per tensor g_i, as one float32 (k,) tensor on the device (no host sync).
+
+    A None gradient (a frozen tensor) counts 0. Fig. 6a plots it for each block's conv2, averaged
+    over an epoch's steps (summed on the device, read once per epoch).
+    """
+    ref = next(g for g in grads if g is not None)
+    out = torch.zeros(len(grads), dtype=torch.float32, device=ref.device)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    norms = torch._foreach_norm([grads[i].float() for i in present], 1)
+    out[present] = torch.stack(norms) / torch.tensor([grads[i].numel() for i in present], dtype=torch.float32,
+                                                     device=ref.device)
+    return out
+
+
+def training_phase(epoch, epochs, phases=3):
+    """The phase (0 = first third, 1 = middle, 2 = last) of 0-based `epoch` in a run of `epochs`."""
+    return min(phases * epoch // epochs, phases - 1)
+
+
+@torch.no_grad()
+def count_updates_(counts, grads):
+    """counts_i += [g_i != 0] entry-wise, in place on the device (int32): steps in which each entry
+    was updated (the RGP mask kept its gradient). Reset (zero_) at each phase boundary."""
+    for c, g in zip(counts, grads):
+        c.add_(g != 0)
+    return counts
+
+
+def update_shares(counts_per_phase, steps_per_phase=None):
+    """Per phase and masked tensor: updated = #{entries with count > 0} / n, never = #{count = 0} / n.
+
+    counts_per_phase: {phase: {name: per-entry counts (or booleans)}}, from `count_updates_`.
+    With steps_per_phase ({phase: steps}) also per_step = sum(counts) / (n * steps), the mean
+    share updated per step (what `cure_mask_`'s `updated` gives). One host sync per phase.
+    """
+    out = {}
+    for phase, counts in counts_per_phase.items():
+        names = list(counts)
+        ever = torch.stack([(counts[n] > 0).sum() for n in names]).tolist()
+        total = torch.stack([counts[n].sum() for n in names]).tolist() if steps_per_phase else None
+        out[phase] = {}
+        for i, n in enumerate(names):
+            numel = counts[n].numel()
+            entry = {"updated": ever[i] / numel, "never": (numel - ever[i]) / numel}
+            if steps_per_phase:
+                entry["per_step"] = total[i] / (numel * steps_per_phase[phase])
+            out[phase][n] = entry
+    return out
 
 
 ###############################################################################

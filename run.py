@@ -2,8 +2,9 @@
 
     python run.py METHOD DATASET [options]
 
-METHOD:  natural | at | trades | cure | rift | eval | bench | compare
-DATASET: cifar10 | cifar100 | svhn | folder | synthetic   (for bench: step | mask)
+METHOD:  natural | at | trades | cure | rift | eval | bench | compare | layerwise | analyze
+DATASET: cifar10 | cifar100 | svhn | tinyimagenet | folder | synthetic
+         (bench: step | mask | report | gpu; analyze: cka | eps | minpert, then the DATASET)
 
 Examples:
     python run.py cure cifar10                          # the paper's CURE run (GPU)
@@ -11,6 +12,8 @@ Examples:
     python run.py eval cifar10 --init runs/cure_cifar10_resnet18/checkpoint.pt
     python run.py rift cifar10 --init robustbench:Wong2020Fast   # a RobustBench model (requirements-zoo.txt)
     python run.py bench step
+    python run.py layerwise cifar10                     # CURE Sec. 3: AT of some blocks only (U-1 ... U-234)
+    python run.py analyze eps cifar10 --init runs/at_cifar10_resnet18/checkpoint.pt --init runs/cure_cifar10_resnet18/checkpoint.pt
     torchrun --nproc_per_node=4 run.py cure cifar10     # the same run on 4 GPUs (data parallel)
 
 Every run writes to its run directory (--out): config.json, checkpoint.pt (atomically, every
@@ -36,7 +39,9 @@ import torch.distributed as dist
 
 import robust_ft as rf
 
-METHODS = ("natural", "at", "trades", "cure", "rift", "eval", "bench", "compare")
+METHODS = ("natural", "at", "trades", "cure", "rift", "eval", "bench", "compare", "layerwise", "analyze")
+ANALYSES = ("cka", "eps", "minpert")
+LAYERWISE_BLOCKS = "1,2,3,4,12,23,34,123,234"   # CURE Sec. 3: the nine U-b the paper reports
 BENCHES = ("step", "mask", "report", "gpu")
 COMPARE_METHODS = ("at", "trades", "cure")
 
@@ -88,7 +93,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", help="|".join(METHODS))
-    p.add_argument("dataset", help="|".join(rf.DATASETS) + " (bench: step|mask)")
+    p.add_argument("dataset", help="|".join(rf.DATASETS) + " (bench: " + "|".join(BENCHES) + "; analyze: "
+                   + "|".join(ANALYSES) + ")")
+    p.add_argument("analyze_dataset", nargs="?", help="analyze: the dataset, after the analysis")
     p.add_argument("--preset", default="paper", help="paper | quick")
     p.add_argument("--model", help="|".join(rf.MODELS))
     p.add_argument("--width", type=int, help="channels of the first stage (default: the paper's)")
@@ -136,8 +143,8 @@ def parse_args(argv):
     p.add_argument("--holdout-per-class", type=int, default=500,
                    help="folder datasets without test/: images per class held out as the test split")
     p.add_argument("--out", help="run directory (default runs/METHOD_DATASET_MODEL)")
-    p.add_argument("--init", help="start from this checkpoint's weights; eval/rift: robustbench:NAME for a "
-                   "RobustBench model (CIFAR-10/100, Linf)")
+    p.add_argument("--init", action="append", help="start from this checkpoint's weights; eval/rift/analyze: "
+                   "robustbench:NAME for a RobustBench model (CIFAR-10/100, Linf); analyze takes it several times")
     p.add_argument("--model-dir", default="models",
                    help="RobustBench checkpoints, in its layout DIR/<dataset>/Linf/NAME.pt (default ./models)")
     p.add_argument("--init-weights", help="with --init robustbench:NAME: these weights (a state dict saved from "
@@ -150,12 +157,23 @@ def parse_args(argv):
     p.add_argument("--tolerance", type=float, default=0.1, help="RiFT: allowed robust drop (points)")
     p.add_argument("--cifar10c", help="corruptions from files, not generated: a CIFAR-10-C or CIFAR-100-C folder "
                    "(.npy) or a Tiny-ImageNet-C folder (<name>/<severity>/<wnid>/*.JPEG)")
-    p.add_argument("--corruptions", action="store_true",
-                   help="natural/at/trades/cure/eval/compare: also the accuracy under corruptions (rift always)")
+    p.add_argument("--corruptions", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the accuracy under corruptions (default: on for rift, whose paper reports it; off "
+                        "for the others)")
     p.add_argument("--severity", type=int, default=3, help="corruptions: the severity reported per corruption "
                    "and group (CURE Figs. 7, 9: 3); the mean is over severities 1-5")
     p.add_argument("--rift-epochs", type=int, help="RiFT: fine-tuning epochs (paper: 10)")
     p.add_argument("--mrc-size", type=int, help="RiFT: training images whose adversarial examples define L_rob")
+    # layerwise and analyze
+    p.add_argument("--blocks", default=LAYERWISE_BLOCKS, help="layerwise: the U-b to train, comma-separated "
+                   "(digits 1-4: ResNet stages layer1-4, 5: the classifier; default " + LAYERWISE_BLOCKS + ")")
+    p.add_argument("--reinit", action=argparse.BooleanOptionalAction, default=True,
+                   help="layerwise: re-initialise the trained blocks first (CURE Fig. 2b; --no-reinit: Fig. 11)")
+    p.add_argument("--eps-list", default="0.25,0.5,1,2,3,4,5,6,7,8",
+                   help="analyze eps: the radii (/255) of PGD-20 (step eps/4; CURE Fig. 5b: 0.25 to 8)")
+    p.add_argument("--eps-max", type=float, default=16.0, help="analyze minpert: largest eps searched (/255)")
+    p.add_argument("--tol", type=float, default=0.25, help="analyze minpert: bisection tolerance (/255)")
+    p.add_argument("--restarts", type=int, default=1, help="analyze minpert: PGD random restarts per eps")
     # compare
     p.add_argument("--methods", help="compare: methods to train (default: " + ",".join(COMPARE_METHODS) +
                    "; with --ablation: none besides the ablation's rows)")
@@ -177,6 +195,20 @@ def resolve(args):
     """Check every value, fill the preset's defaults in place, and return the args."""
     if args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
+    args.analysis = None
+    if args.method == "analyze":                  # analyze ANALYSIS DATASET
+        if args.dataset not in ANALYSES:
+            raise UsageError(f"unknown analysis {args.dataset!r}; choose one of {list(ANALYSES)}")
+        if args.analyze_dataset is None:
+            raise UsageError(f"analyze {args.dataset} needs a dataset after it; choose one of {list(rf.DATASETS)}")
+        args.analysis, args.dataset = args.dataset, args.analyze_dataset
+    elif args.analyze_dataset is not None:
+        raise UsageError(f"unexpected {args.analyze_dataset!r} after the dataset (only analyze takes two)")
+    args.inits = args.init or []
+    if len(args.inits) > 1 and args.method != "analyze":
+        raise UsageError(f"--init given {len(args.inits)} times; only analyze takes several")
+    args.init = args.inits[0] if args.inits else None
+    args.trainable = None                         # set by layerwise for its stages
     allowed = BENCHES if args.method == "bench" else rf.DATASETS
     if args.dataset not in allowed:
         raise UsageError(f"unknown {'benchmark' if args.method == 'bench' else 'dataset'} "
@@ -239,15 +271,36 @@ def resolve(args):
         found = "" if torch.cuda.is_available() else " (no CUDA device found)"
         raise UsageError(f"bench gpu is the acceptance run for a CUDA device and --device is {args.device}{found}; "
                          "on a CPU check the install with: TRITON_INTERPRET=1 python -m pytest -q test_robust_ft.py")
+    if args.corruptions is None:
+        args.corruptions = args.method == "rift"
     if args.severity not in (1, 2, 3, 4, 5):
         raise UsageError(f"--severity {args.severity} must be one of [1, 2, 3, 4, 5]")
     if args.cifar10c is not None and not os.path.isdir(args.cifar10c):
         raise UsageError(f"--cifar10c {args.cifar10c!r}: no such folder")
     if args.mrc_variant not in ("paper", "official"):
         raise UsageError(f"unknown --mrc-variant {args.mrc_variant!r}; choose one of ['paper', 'official']")
+    if args.method == "layerwise":
+        if not args.model.startswith("resnet"):
+            raise UsageError(f"layerwise trains ResNet stages (layer1-4); --model {args.model!r} has none: "
+                             f"choose one of {[m for m in rf.MODELS if m.startswith('resnet')]}")
+        try:
+            args.block_sets = [rf.layerwise_blocks(b) for b in args.blocks.split(",")]
+        except ValueError as e:
+            raise UsageError(f"--blocks {args.blocks!r}: {e}") from None
+    if args.method == "analyze":
+        if not args.inits:
+            raise UsageError(f"analyze {args.analysis} needs --init CKPT (once per model to compare)")
+        try:
+            args.eps_values = [float(e) for e in args.eps_list.split(",")]
+        except ValueError:
+            raise UsageError(f"--eps-list {args.eps_list!r} must be numbers (/255), comma-separated") from None
+        for name, v in (("--eps-max", args.eps_max), ("--tol", args.tol), ("--restarts", args.restarts),
+                        *(("--eps-list", e) for e in args.eps_values)):
+            if not v > 0:
+                raise UsageError(f"{name} {v} must be > 0")
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}_{args.dataset}" +
-                                ("" if args.method == "bench" else f"_{args.zoo or args.model}"))
+        what = {"bench": "", "analyze": f"_{args.analysis}"}.get(args.method, f"_{args.zoo or args.model}")
+        args.out = os.path.join("runs", f"{args.method}_{args.dataset}{what}")
     args.eps_px = args.eps / 255          # divided by 255 once, here
     args.step_px = args.eps_px / 4        # training attack step eps/4 = 2/255 (Madry et al., TRADES)
     return args
@@ -485,8 +538,8 @@ def check_zoo(args):
                              "models goes in --init itself)")
         return None
     name = args.init[len(ZOO_PREFIX):]
-    if args.method not in ("eval", "rift"):
-        raise UsageError(f"--init {args.init!r} works with eval and rift, not {args.method!r}")
+    if args.method not in ("eval", "rift", "analyze"):
+        raise UsageError(f"--init {args.init!r} works with eval, rift and analyze, not {args.method!r}")
     if args.dataset not in ZOO_DATASETS:
         raise UsageError(f"--init {args.init!r} needs a dataset in {list(ZOO_DATASETS)}, not {args.dataset!r}")
     zoos = [args.dataset] if args.dataset in rf.ROBUSTBENCH_CLASSES else list(rf.ROBUSTBENCH_CLASSES)
@@ -650,6 +703,11 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         rf.broadcast_(list(model.state_dict().values()), args.world_size)   # one start on every rank
         torch.manual_seed(rank_seed(args.seed, args.rank))                  # each rank its own attack noise
+    if args.trainable is not None:         # the layer-wise study: only these blocks train
+        if args.reinit:                    # (a resumed run then loads its own weights over these)
+            rf.reinitialize_(model, [p for p in args.trainable if p not in rf.LAYERWISE_STEM],
+                             torch.Generator().manual_seed(args.seed))
+        rf.freeze_all_but(model, args.trainable)
     average = rf.gradient_averager(model, args.world_size)   # None in one process
     epochs = args.epochs if method != "natural" or args.method == "natural" else args.natural_epochs
     # --weight-decay applies to the method asked for; CURE's natural pre-training keeps its own.
@@ -665,6 +723,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         print(f"CURE ({cfg.variant} variant): p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
               f"r={cfg.rate} d={cure.schedule.decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
     record = dict(log=[], epoch_seconds=[], best=None)
+    stats = TrainingStats(model, optimizer, cure)
     start_epoch = 0
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=args.device, weights_only=False)
@@ -679,6 +738,8 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
             cure.revision.updates = ck["revision_updates"]
             cure.coin.set_state(ck["revision_generator"])
             cure.schedule.t = ck["cure_step"]
+            if "stats" in ck:              # (checkpoints written before the per-phase shares have none)
+                stats.load_state_dict(ck["stats"])
         print(f"resumed {out} at epoch {start_epoch}/{epochs}", file=sys.stderr)
     step_fn = method_step(args, method, cure, average)
     shard = dict(rank=args.rank, world_size=args.world_size)
@@ -692,18 +753,24 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         loss = rf.train_epoch(model, optimizer, fn, train_split, args.batch_size, lr, generator,
                               Progress(f"{method} epoch {epoch + 1}/{epochs}"), **shard)
         seconds = time.time() - t0
-        entry = dict(epoch=epoch + 1, lr=lr, loss=loss, seconds=seconds)
+        entry = dict(epoch=epoch + 1, lr=lr, loss=loss, seconds=seconds, **stats.epoch_end(steps_per_epoch))
         eval_split = val.subset(slice(0, args.epoch_eval_size))
         entry["val"] = rf.evaluate(model, eval_split, ["pgd20"], args.eps_px, seed=args.seed, **shard)
         if cure is not None:
             if warm:
                 cure.revision = rf.cure_revision(model, cure.cfg)    # revise from where adversarial training starts
+                stats.phase_end("warm-up")          # natural steps: the update counts start with CURE's
             else:
                 entry["val_revision"] = rf.evaluate(cure.revision.model, eval_split, ["pgd20"], args.eps_px,
                                                     seed=args.seed, **shard)
                 numel = dict(rf.masked_parameters(model))
                 entry["updated_fraction"] = {n: float(c) / (numel[n].numel() * steps_per_epoch)
                                              for n, c in cure.updated.items()}
+                phase = rf.training_phase(epoch - args.warmup_epochs, epochs - args.warmup_epochs)
+                last = epoch + 1 == epochs or phase != rf.training_phase(epoch + 1 - args.warmup_epochs,
+                                                                           epochs - args.warmup_epochs)
+                if last:                   # the phase ends with this epoch
+                    entry["update_shares"] = stats.phase_end(PHASES[phase])
         record["log"].append(entry)
         record["epoch_seconds"].append(seconds)
         key = "clean" if method == "natural" else "pgd20"   # selection metric on the validation split
@@ -726,13 +793,74 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
                      config=config_record(args, method), method=method)
         if cure is not None:
             state.update(revision=cure.revision.model.state_dict(), revision_updates=cure.revision.updates,
-                         revision_generator=cure.coin.get_state(), cure_step=cure.schedule.t)
+                         revision_generator=cure.coin.get_state(), cure_step=cure.schedule.t,
+                         stats=stats.state_dict())
         if writer(args):
             rf.save_checkpoint(ckpt_path, **state)
     # which RGP mask path ran in this process (CURE only): fused, plain, or plain after a mismatch
     record["mask_path"] = None if cure is None else (
         "official (plain)" if cure.cfg.variant == "official" else mask_path(cure.mask_fn))
     return model, (cure.revision if cure else None), record
+
+
+PHASES = ("initial", "middle", "final")   # thirds of the (CURE) epochs, CURE Figs. 6b and 10
+
+
+class TrainingStats:
+    """What a training run logs about its gradients besides the loss, taken by an optimiser step
+    pre-hook, where p.grad holds the step's final gradient for every method (averaged over the
+    ranks; CURE's after its mask, as `cure_update_` applies it):
+    - every epoch, the mean |g| of each block's conv2 weights (CURE Fig. 6a; `rf.conv2_names`);
+    - CURE: per masked entry, the steps in which it was updated (its gradient kept by the mask),
+      read at the end of each phase as the share updated at least once and never (Figs. 6b, 10).
+    On the device, read once per epoch (magnitudes) and once per phase (shares): 1 + 2 launches per
+    conv2 tensor, and 2 per masked tensor for CURE, per step; CURE's counts are int32 per entry."""
+
+    def __init__(self, model, optimizer, cure=None):
+        params = dict(model.named_parameters())
+        self.conv2_names = rf.conv2_names(model)
+        self.conv2 = [params[n] for n in self.conv2_names]
+        device = next(model.parameters()).device
+        self.magnitudes = torch.zeros(len(self.conv2), device=device)
+        self.masked_names = [n for n, _ in rf.cure_masked(model, cure.cfg)] if cure is not None else []
+        self.masked = [params[n] for n in self.masked_names]
+        self.counts = [torch.zeros_like(p, dtype=torch.int32) for p in self.masked]
+        self.steps, self.phase_steps = 0, 0
+        optimizer.register_step_pre_hook(self._step)
+
+    def _step(self, optimizer, args, kwargs):      # returns None: the step's arguments unchanged
+        if any(p.grad is not None for p in self.conv2):
+            self.magnitudes.add_(rf.gradient_magnitudes([p.grad for p in self.conv2]))
+        if self.masked:
+            rf.count_updates_(self.counts, [p.grad for p in self.masked])
+        self.steps += 1
+        self.phase_steps += 1
+
+    def epoch_end(self, steps_per_epoch):
+        """{"grad_magnitude": {conv2 name: mean |g| over this epoch's steps}} (empty without conv2)."""
+        if not self.conv2 or not self.steps:
+            return {}
+        values = (self.magnitudes / self.steps).tolist()
+        self.magnitudes.zero_()
+        self.steps = 0
+        return {"grad_magnitude": dict(zip(self.conv2_names, values))}
+
+    def phase_end(self, phase):
+        """The shares of a phase that just ended; the counts start again."""
+        shares = rf.update_shares({phase: dict(zip(self.masked_names, self.counts))}, {phase: self.phase_steps})[phase]
+        for c in self.counts:
+            c.zero_()
+        steps, self.phase_steps = self.phase_steps, 0
+        return dict(phase=phase, steps=steps, updated={n: v["updated"] for n, v in shares.items()},
+                    never={n: v["never"] for n, v in shares.items()})
+
+    def state_dict(self):
+        return dict(counts=[c.cpu() for c in self.counts], phase_steps=self.phase_steps)
+
+    def load_state_dict(self, state):
+        for c, saved in zip(self.counts, state["counts"]):
+            c.copy_(saved)
+        self.phase_steps = state["phase_steps"]
 
 
 def restore_rng(args, ck):
@@ -787,12 +915,16 @@ def nrr_robust(result):
 
 def with_nrr(result):
     """Add NRR (Eq. 9) against `nrr_robust`, and "nrr_autoattack" against AutoAttack (Tables 7-8),
-    with the clean accuracy of the same images."""
+    with the clean accuracy of the same images; beside each, CURE Table 8's SUM = Nat + Rob
+    ("sum", "sum_autoattack")."""
     rob = nrr_robust(result)
     if rob is not None and "clean" in result:
         result["nrr"] = rf.nrr(result["clean"], rob)
+        result["sum"] = result["clean"] + rob
     if "autoattack" in result:
-        result["nrr_autoattack"] = rf.nrr(result.get("clean_autoattack", result["clean"]), result["autoattack"])
+        clean = result.get("clean_autoattack", result["clean"])
+        result["nrr_autoattack"] = rf.nrr(clean, result["autoattack"])
+        result["sum_autoattack"] = clean + result["autoattack"]
     return result
 
 
@@ -898,10 +1030,11 @@ def cmd_rift(args):
     tuned = copy.deepcopy(model)
     tuned.load_state_dict(found.state)
     result.update(module=found.module, alphas=found.alphas, alpha=found.alpha, tolerance=args.tolerance)
-    files = corruption_files(args)
+    files = corruption_files(args) if args.corruptions else None
     for key, m in (("before", model), ("after", tuned)):   # one seed: the same random starts, paired
         evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
-        corruptions_into(args, result[key], m, test, files)
+        if args.corruptions:
+            corruptions_into(args, result[key], m, test, files)
     result.update(test=result["after"], wall_seconds=time.time() - start)
     if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
         result["state_dict"] = os.path.join(args.out, "model.pt")
@@ -932,7 +1065,7 @@ def print_rift(result):
     for label in ("before", "after"):
         r = result[label]
         print(f"{label:8}{r['clean']:8.2f}{r.get('pgd20', float('nan')):8.2f}{r.get('cw', float('nan')):8.2f}"
-              f"{r['corruption']:9.2f}", file=sys.stderr)
+              f"{r.get('corruption', float('nan')):9.2f}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -1318,9 +1451,10 @@ def cmd_bench(args):
     if args.dataset == "gpu":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before cuBLAS starts: deterministic GEMMs
     result = {"step": bench_step, "mask": bench_mask, "report": bench_report, "gpu": bench_gpu}[args.dataset](args)
-    finish(args, result)
+    finished = finish(args, result)
     if args.dataset == "gpu" and not result["passed"]:
-        sys.exit(1)
+        sys.exit(1)                      # the metrics name the failed check
+    return finished
 
 
 # -----------------------------------------------------------------------------
@@ -1331,7 +1465,7 @@ def sub_run(args, method, out, **changes):
     """A copy of `args` for one stage of `compare`, resuming whatever that stage left behind."""
     sub = argparse.Namespace(**vars(args))
     sub.method, sub.out, sub.resume = method, out, True
-    sub.weight_decay = args.weight_decay_given if args.weight_decay_given is not None else WEIGHT_DECAY[method]
+    sub.weight_decay = args.weight_decay_given if args.weight_decay_given is not None else WEIGHT_DECAY.get(method, 5e-4)
     sub.beta = args.beta_given if args.beta_given is not None else default_beta(method)
     for k, v in changes.items():
         setattr(sub, k, v)
@@ -1524,14 +1658,40 @@ def make_plots(out, rows, methods):
     ax.grid(alpha=0.3)
     save(fig, "robust_per_epoch.png")
 
-    if "cure" in methods:                                        # Figure 6b: updated fraction per layer
-        log = [e for e in read_log(os.path.join(out, "cure", "log.jsonl")) if "updated_fraction" in e]
-        if log:
-            frac = log[-1]["updated_fraction"]
-            fig, ax = plt.subplots(figsize=(7, 4))
-            ax.bar(range(len(frac)), [100 * v for v in frac.values()])
-            ax.set_xticks(range(len(frac)), [n.replace(".weight", "") for n in frac], rotation=90, fontsize=7)
-            ax.set(ylabel="entries updated per step (%)", title=f"CURE: updated weights per layer (epoch {log[-1]['epoch']})")
+    logs = {m: read_log(os.path.join(out, m, "log.jsonl")) for m in ["natural", *methods]
+            if os.path.exists(os.path.join(out, m, "log.jsonl"))}
+    logs = {m: [e for e in log if "grad_magnitude" in e] for m, log in logs.items()}
+    logs = {m: log for m, log in logs.items() if log}
+    if logs:                                                     # Figure 6a: gradient magnitude of each conv2
+        names = list(next(iter(logs.values()))[0]["grad_magnitude"])
+        fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3), sharey=True, squeeze=False)
+        for ax, name in zip(axes[0], names):
+            for m, log in logs.items():
+                ax.plot([e["epoch"] for e in log], [e["grad_magnitude"][name] for e in log], marker=".",
+                        label=row_label(m, is_ablation(rows)))
+            ax.set(title=name.replace(".weight", ""), xlabel="epoch", yscale="log")
+            ax.title.set_fontsize(8)
+            ax.grid(alpha=0.3)
+        axes[0][0].set(ylabel="mean |gradient| (per step, epoch mean)")
+        axes[0][-1].legend(fontsize=6)
+        save(fig, "grad_magnitudes.png")
+
+    if "cure" in methods:                                        # Figures 6b and 10: updated entries per phase
+        phases = [e["update_shares"] for e in read_log(os.path.join(out, "cure", "log.jsonl"))
+                  if "update_shares" in e]
+        if phases:
+            names = list(phases[0]["updated"])
+            fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(names)), 4))
+            width = 0.8 / len(phases)
+            for j, ph in enumerate(phases):
+                ax.bar([i + j * width for i in range(len(names))], [100 * ph["updated"][n] for n in names], width,
+                       label=f"{ph['phase']} ({ph['steps']} steps)")
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], [n.replace(".weight", "") for n in names],
+                          rotation=90, fontsize=6)
+            ax.set(ylabel="entries updated at least once (%)",
+                   title="CURE: share of each tensor's entries the RGP mask let through at least once, per third of training")
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=7)
             save(fig, "cure_updated_fraction.png")
 
     ablation = [n for n in ABLATION if n in rows]
@@ -1587,6 +1747,268 @@ def make_plots(out, rows, methods):
     return paths
 
 
+# -----------------------------------------------------------------------------
+# layerwise: CURE Section 3, adversarial training of some blocks only, from one natural checkpoint
+# -----------------------------------------------------------------------------
+
+def cmd_layerwise(args):
+    """ST (the natural model), SAT (Madry AT of everything from it) and one AT run per U-b in
+    --blocks, in which only the stem, the listed stages (re-initialised unless --no-reinit) and,
+    for digit 5, the classifier train (`rf.layerwise_blocks`); the rest stays as the natural model
+    left it. Writes results.json, results.md, layerwise_accuracy.png (Fig. 2b / 11) and
+    layerwise_robust_per_epoch.png (Fig. 4). A rerun skips every finished stage."""
+    os.makedirs(args.out, exist_ok=True)
+    nat_dir = os.path.join(args.out, "natural")
+    if args.init:                          # the natural checkpoint given: evaluate it as the ST row
+        natural = run_stage(sub_run(args, "eval", nat_dir, init=args.init), cmd_eval)
+        nat_ckpt = args.init
+    else:
+        natural = run_stage(sub_run(args, "natural", nat_dir, epochs=args.natural_epochs, init=None), cmd_train)
+        nat_ckpt = os.path.join(nat_dir, "checkpoint.pt")
+    rows = {"ST": natural,
+            "SAT": run_stage(sub_run(args, "at", os.path.join(args.out, "SAT"), init=nat_ckpt), cmd_train)}
+    for blocks, prefixes in zip(args.blocks.split(","), args.block_sets):
+        name = f"U-{blocks}"
+        rows[name] = run_stage(sub_run(args, "at", os.path.join(args.out, name), init=nat_ckpt,
+                                       trainable=list(prefixes)), cmd_train)
+    results = dict(dataset=args.dataset, model=args.model, width=args.width, epochs=args.epochs, preset=args.preset,
+                   seed=args.seed, device=str(args.device), reinit=args.reinit,
+                   trained={f"U-{b}": list(p) for b, p in zip(args.blocks.split(","), args.block_sets)},
+                   rows={name: table_row(m) for name, m in rows.items()})
+    if writer(args):
+        rf.save_json(os.path.join(args.out, "results.json"), results)
+        lines = [f"CURE's layer-wise study (Sec. 3): {args.dataset}, {args.model} width {args.width}, "
+                 f"{args.epochs} AT epochs per row from one natural checkpoint, trained blocks "
+                 f"{'re-initialised' if args.reinit else 'not re-initialised'}; the stem always trains, the "
+                 f"classifier only with digit 5; test split: {results['rows']['ST']['n']} images.", "",
+                 "| row | trained | Clean | PGD-20 | CW-inf | NRR (Eq. 9, CW) |", "|---|---|---|---|---|---|"]
+        for name, row in results["rows"].items():
+            trained = "everything" if name == "SAT" else "-" if name == "ST" else ", ".join(results["trained"][name])
+            cells = ["-" if row[k] is None else f"{row[k]:.2f}" for k in ("clean", "pgd20", "cw", "nrr")]
+            lines.append(f"| {name} | {trained} | " + " | ".join(cells) + " |")
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        plots = layerwise_plots(args.out, results, [n for n in rows if n != "ST"])
+    else:
+        plots = []
+    return finish(args, dict(method="layerwise", dataset=args.dataset, out=args.out, plots=plots,
+                             table=results["rows"]))
+
+
+def layerwise_plots(out, results, trained_rows):
+    """CURE Fig. 2b (clean and robust accuracy per row) and Fig. 4 (validation PGD-20 per epoch)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
+    names = list(rows)
+    for j, (key, label) in enumerate((("clean", "clean"), ("robust", "robust (CW-inf, else worst case)"))):
+        ax.bar([i + 0.4 * j for i in range(len(names))], [rows[n][key] or 0.0 for n in names], 0.4, label=label)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+    ax.set(ylabel="test accuracy (%)", title="Layer-wise study: adversarial training of some blocks only")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    paths = [os.path.join(out, "layerwise_accuracy.png")]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name in trained_rows:
+        log = read_log(os.path.join(out, name, "log.jsonl"))
+        ax.plot([e["epoch"] for e in log], [e["val"]["pgd20"] for e in log], marker=".", label=name)
+    ax.set(xlabel="epoch", ylabel="validation PGD-20 accuracy (%)", title="Robust accuracy per epoch")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "layerwise_robust_per_epoch.png"))
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# analyze: CURE's analyses of trained models (CKA, accuracy across eps, minimum perturbation)
+# -----------------------------------------------------------------------------
+
+def analysis_models(args, data):
+    """{label: model in eval mode} for every --init: a run's checkpoint (its config.json beside it
+    names the architecture, else --model/--width) or robustbench:NAME. Labels: the run directory's
+    name, or NAME."""
+    models = {}
+    for init in args.inits:
+        sub = argparse.Namespace(**vars(args))
+        sub.init = init
+        sub.zoo = check_zoo(sub)
+        config = os.path.join(os.path.dirname(init), "config.json")
+        if not sub.zoo and os.path.isfile(config):
+            with open(config) as f:
+                saved = json.load(f)
+            sub.model, sub.width = saved.get("model", sub.model), saved.get("width", sub.width)
+        label = sub.zoo or os.path.basename(os.path.dirname(os.path.abspath(init))) or init
+        if label in models:
+            label = init
+        models[label] = setup_model(sub, data).eval()
+    return models
+
+
+def cmd_analyze(args):
+    data, _, _, test = setup_data(args)
+    models = analysis_models(args, data)
+    analyse = {"cka": analyze_cka, "eps": analyze_eps, "minpert": analyze_minpert}[args.analysis]
+    start = time.time()
+    results, lines = analyse(args, models, test)
+    results.update(analysis=args.analysis, dataset=args.dataset, n=len(test), inits=args.inits,
+                   seed=args.seed, device=str(args.device), seconds=time.time() - start)
+    plots = []
+    if writer(args):
+        os.makedirs(args.out, exist_ok=True)
+        rf.save_json(os.path.join(args.out, "results.json"), results)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        plots = ANALYSIS_PLOTS[args.analysis](args.out, results)
+    print("\n".join(lines), file=sys.stderr)
+    return finish(args, dict(method="analyze", analysis=args.analysis, dataset=args.dataset, out=args.out,
+                             plots=plots, seconds=results["seconds"]))
+
+
+def analyze_cka(args, models, test):
+    """CURE Fig. 3 / Fig. 12: per model, linear CKA between every layer's clean features and every
+    layer's PGD-20 features (step eps/4): exact on one batch, else the official script's minibatch
+    estimator (unbiased HSIC per batch; noisy, even outside [0, 1], for small batches)."""
+    # one batch: exact linear CKA; more: the official script's minibatch estimator (constant memory)
+    estimator = "full" if len(test) <= args.batch_size else "minibatch"
+    results = dict(eps=args.eps, steps=20, estimator=estimator, models={})
+    for label, model in models.items():
+        names = rf.block_names(model) if hasattr(model, "layer1") else rf.layer_names(model)   # ResNets, else every layer
+        matrix = rf.cka_clean_vs_adversarial(model, test, names, args.eps_px, args.eps_px / 4, 20,
+                                             args.batch_size, args.seed, cross=True, estimator=estimator)
+        results["models"][label] = dict(names=names, map=matrix, diagonal={n: matrix[n][n] for n in names})
+        print(f"cka {label}: " + ", ".join(f"{n} {matrix[n][n]:.3f}" for n in names), file=sys.stderr)
+    names = next(iter(results["models"].values()))["names"]
+    lines = [f"Linear CKA of clean vs PGD-20 (eps {args.eps}/255) features, layer by layer, on {len(test)} test "
+             f"images of {args.dataset} ({estimator} estimator, batches of {args.batch_size})", "",
+             "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, r in results["models"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{r['diagonal'].get(n, float('nan')):.3f}" for n in names) + " |")
+    return results, lines
+
+
+def analyze_eps(args, models, test):
+    """CURE Fig. 5b: PGD-20 accuracy (step eps/4, random start) for each eps in --eps-list."""
+    results = dict(eps=args.eps_values, models={})
+    for label, model in models.items():
+        row = {}
+        for e in args.eps_values:
+            r = rf.evaluate(model, test, ["pgd20"], e / 255, e / 255 / 4, args.batch_size, seed=args.seed)
+            row[str(e)], row["clean"] = r["pgd20"], r["clean"]
+        results["models"][label] = row
+        print(f"eps {label}: " + ", ".join(f"{e}: {row[str(e)]:.1f}" for e in args.eps_values), file=sys.stderr)
+    lines = [f"PGD-20 accuracy (%) by eps (/255), step eps/4, on {len(test)} test images of {args.dataset}", "",
+             "| model | clean | " + " | ".join(str(e) for e in args.eps_values) + " |",
+             "|---" * (len(args.eps_values) + 2) + "|"]
+    for label, row in results["models"].items():
+        lines.append(f"| {label} | {row['clean']:.2f} | " + " | ".join(f"{row[str(e)]:.2f}" for e in args.eps_values)
+                     + " |")
+    return results, lines
+
+
+def analyze_minpert(args, models, test):
+    """CURE Fig. 8: per image the smallest L-inf eps at which PGD-20 (step eps/4, --restarts random
+    starts) fools the model, by bisection to --tol up to --eps-max (`rf.minimum_perturbation`)."""
+    results = dict(eps_max=args.eps_max, tol=args.tol, steps=20, restarts=args.restarts, models={})
+    for label, model in models.items():
+        values = []
+        for i, (x, y) in enumerate(rf.batches(test, args.batch_size)):
+            values.append(rf.minimum_perturbation(model, x, y, args.eps_max / 255, args.tol / 255, 20, args.restarts,
+                                                  0.25, rf.batch_generator(args.seed, i, x.device)).cpu())
+        eps = torch.cat(values).double() * 255
+        finite = eps[torch.isfinite(eps)]
+        results["models"][label] = dict(
+            values=[None if not math.isfinite(v) else v for v in eps.tolist()],
+            median=float(eps.median()), mean_fooled=float(finite[finite > 0].mean()) if (finite > 0).any() else None,
+            wrong_clean=float((eps == 0).double().mean() * 100), not_fooled=float((~torch.isfinite(eps)).double().mean() * 100))
+        r = results["models"][label]
+        print(f"minpert {label}: median {r['median']:.2f}/255, {r['not_fooled']:.1f}% not fooled by "
+              f"{args.eps_max}/255", file=sys.stderr)
+    lines = [f"Minimum L-inf perturbation (/255) for PGD-20 to fool each model, by bisection to {args.tol}/255 up to "
+             f"{args.eps_max}/255, {args.restarts} restart(s), on {len(test)} test images of {args.dataset}", "",
+             "| model | median | mean over the fooled (eps > 0) | misclassified clean (%) | not fooled (%) |",
+             "|---|---|---|---|---|"]
+    for label, r in results["models"].items():
+        mean = "-" if r["mean_fooled"] is None else f"{r['mean_fooled']:.2f}"
+        lines.append(f"| {label} | {r['median']:.2f} | {mean} | {r['wrong_clean']:.1f} | {r['not_fooled']:.1f} |")
+    results["examples"] = dict(images=test.x[:6].cpu().tolist(), labels=test.y[:6].tolist())
+    return results, lines
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out, name):
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_cka(out, results):
+    plt = _pyplot()
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), squeeze=False)
+    for ax, (label, r) in zip(axes[0], models.items()):
+        names = r["names"]
+        image = ax.imshow([[r["map"][a][b] for b in names] for a in names], vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set(title=label, xlabel="PGD features", ylabel="clean features")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="linear CKA")
+    path = os.path.join(out, "cka.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_eps(out, results):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, row in results["models"].items():
+        ax.plot(results["eps"], [row[str(e)] for e in results["eps"]], marker="o", label=label)
+    ax.set(xlabel="eps (/255)", ylabel="PGD-20 accuracy (%)", title="Robustness across perturbation strengths")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return [_save(fig, out, "accuracy_vs_eps.png")]
+
+
+def plot_minpert(out, results):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, r in results["models"].items():
+        values = [v for v in r["values"] if v is not None]
+        ax.hist(values, bins=20, range=(0, results["eps_max"]), histtype="step", linewidth=1.5, label=label)
+    ax.set(xlabel="minimum L-inf perturbation (/255)", ylabel="images", title="Perturbation needed to fool each model")
+    ax.legend(fontsize=7)
+    paths = [_save(fig, out, "minimum_perturbation.png")]
+    images = results["examples"]["images"]
+    fig, axes = plt.subplots(1, len(images), figsize=(1.9 * len(images), 2.4), squeeze=False)
+    for i, (ax, image) in enumerate(zip(axes[0], images)):
+        ax.imshow(torch.tensor(image, dtype=torch.uint8).permute(1, 2, 0).numpy())
+        ax.axis("off")
+        text = "\n".join(f"{label[:10]}: " + ("inf" if r["values"][i] is None else f"{r['values'][i]:.2f}")
+                         for label, r in results["models"].items())
+        ax.set_title(text, fontsize=6)
+    paths.append(_save(fig, out, "minimum_perturbation_examples.png"))
+    return paths
+
+
+ANALYSIS_PLOTS = {"cka": plot_cka, "eps": plot_eps, "minpert": plot_minpert}
+
+
 def read_log(path):
     """The per-epoch entries of a run's log.jsonl (the evaluation lines have no "epoch")."""
     with open(path) as f:
@@ -1599,7 +2021,8 @@ def main(argv=None):
         resolve(args)
         setup_distributed(args)
         args.device_settings = setup_device(args)
-        command = {"bench": cmd_bench, "eval": cmd_eval, "rift": cmd_rift, "compare": cmd_compare}
+        command = {"bench": cmd_bench, "eval": cmd_eval, "rift": cmd_rift, "compare": cmd_compare,
+                   "layerwise": cmd_layerwise, "analyze": cmd_analyze}
         result = command.get(args.method, cmd_train)(args)
     except UsageError as e:                 # bad input: the same on every rank, so rank 0 alone says it
         if os.environ.get("RANK", "0") == "0":

@@ -401,6 +401,11 @@ def test_cli_trains_end_to_end_and_writes_metrics(method, tmp_path, capsys):
     assert [e["epoch"] for e in lines if "epoch" in e] == [1, 2]
     assert [e["attack"] for e in lines if "attack" in e] == ["clean", "pgd20", "cw"]   # as each finished
     assert (out / "checkpoint.pt").exists()
+    test = on_disk["test"]
+    assert test["sum"] == pytest.approx(test["clean"] + test["cw"])            # CURE Table 8's SUM
+    conv2 = [f"layer{i}.{j}.conv2.weight" for i in range(1, 5) for j in range(2)]
+    for e in (e for e in lines if "epoch" in e):                               # CURE Fig. 6a, every method
+        assert list(e["grad_magnitude"]) == conv2 and all(v > 0 for v in e["grad_magnitude"].values())
 
 
 def straight_and_killed_then_resumed(args, tmp_path, capsys, monkeypatch):
@@ -468,6 +473,13 @@ def run_error(argv, capsys):
     (["cure", "synthetic", "--alpha", "nan"], ["--alpha nan", "[0, 1]"]),
     (["compare", "synthetic", "--methods", "mart"], ["'mart'", "at", "trades", "cure"]),
     (["eval", "synthetic", "--severity", "6"], ["--severity 6", "[1, 2, 3, 4, 5]"]),
+    (["analyze", "tsne", "synthetic"], ["'tsne'", "cka", "eps", "minpert"]),
+    (["analyze", "cka"], ["analyze cka needs a dataset", "cifar10"]),
+    (["analyze", "eps", "synthetic"], ["needs --init"]),
+    (["analyze", "eps", "synthetic", "--init", "a.pt", "--eps-list", "1,x"], ["--eps-list", "'1,x'"]),
+    (["eval", "synthetic", "--init", "a.pt", "--init", "b.pt"], ["--init given 2 times", "only analyze"]),
+    (["layerwise", "synthetic", "--blocks", "1,6"], ["--blocks", "'1,6'", "digits 1-4"]),
+    (["layerwise", "synthetic", "--model", "wrn34_10"], ["layerwise", "'wrn34_10'", "resnet18"]),
     (["eval", "synthetic", "--cifar10c", "/no/such/dir"], ["--cifar10c", "/no/such/dir", "no such folder"]),
 ])
 def test_bad_input_gives_a_one_line_error_and_exit_2(argv, words, capsys):
@@ -788,11 +800,17 @@ def test_cure_beats_natural_training_under_pgd(natural_model):
 
 def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"
-    argv = ["compare", *SMALL, "--natural-epochs", "1", "--epochs", "1", "--rift", "--rift-epochs", "1",
-            "--mrc-size", "16", "--train-size", "128", "--val-size", "32", "--test-size", "32", "--out", str(out)]
+    (tmp_path / "c").mkdir()
+    write_fake_cifar10c(tmp_path / "c", ["gaussian_noise", "fog", "contrast", "zoom_blur"], per=4)
+    argv = ["compare", *SMALL, "--natural-epochs", "1", "--epochs", "1", "--methods", "at,cure", "--rift",
+            "--rift-epochs", "1", "--mrc-size", "16", "--train-size", "64", "--val-size", "16", "--test-size", "16",
+            "--corruptions", "--cifar10c", str(tmp_path / "c"), "--out", str(out)]
     first = run_cli(argv, capsys)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["rows"]) == {"natural", "at", "trades", "cure", "at+rift", "trades+rift", "cure+rift"}
+    assert set(results["rows"]) == {"natural", "at", "cure", "at+rift", "cure+rift"}
+    for name, metrics in results["rows"].items():      # --corruptions reaches every stage, RiFT's too
+        test = metrics.get("test", metrics.get("after"))
+        assert set(test["corruptions"]["groups_at_severity"]) == {"noise", "blur", "weather", "digital"}, name
     table = (out / "results.md").read_text()
     for name, metrics in results["rows"].items():
         test = metrics["test"]
@@ -802,7 +820,7 @@ def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path
         assert clean == pytest.approx(test["clean"], abs=0.006)
         assert nrr_cell == pytest.approx(2 * clean * cw / (clean + cw) if clean + cw else 0.0, abs=0.02)
     for png in ("clean_vs_robust.png", "robust_per_epoch.png", "cure_updated_fraction.png",
-                "rift_interpolation.png"):
+                "rift_interpolation.png", "grad_magnitudes.png", "corruptions.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
@@ -813,6 +831,83 @@ def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path
     monkeypatch.setattr(rf, "finetune_module", no_training)
     again = run_cli(argv, capsys)
     assert again["table"] == first["table"]
+
+
+def test_cure_logs_the_entries_updated_at_least_once_in_each_third_of_training(tmp_path, capsys, monkeypatch):
+    kept = []                                      # per step: the entries the mask let through
+
+    def spy(grads, grads_nat, grads_adv, alpha, percentile):
+        rf.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+        kept.append([g != 0 for g in grads])
+
+    monkeypatch.setattr(run, "mask_function", lambda device: spy)
+    run_cli(["cure", *FAST, "--epochs", "3", "--natural-epochs", "1", "--out", str(tmp_path)], capsys)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    phases = [e["update_shares"] for e in log if "update_shares" in e]
+    assert [p["phase"] for p in phases] == ["initial", "middle", "final"] and len(kept) == 12
+    names = list(phases[0]["updated"])
+    assert len(names) == 21 and "linear.weight" in names       # every masked tensor
+    for i, phase in enumerate(phases):                           # 4 steps per phase (one epoch each)
+        steps = kept[4 * i: 4 * i + 4]
+        for j, name in enumerate(names):
+            ever = torch.stack([s[j] for s in steps]).any(0).double().mean().item()
+            assert phase["updated"][name] == pytest.approx(ever) and phase["never"][name] == pytest.approx(1 - ever)
+        assert phase["steps"] == 4
+    assert len({round(v, 6) for v in phases[0]["updated"].values()}) > 1     # it varies by layer
+
+
+def test_layerwise_trains_only_the_listed_blocks_from_one_natural_checkpoint(natural_ckpt, tmp_path, capsys):
+    out = tmp_path / "lw"
+    summary = run_cli(["layerwise", *FAST, "--init", natural_ckpt, "--epochs", "1", "--blocks", "1,23",
+                       "--out", str(out)], capsys)
+    assert list(summary["table"]) == ["ST", "SAT", "U-1", "U-23"]
+    start = torch.load(natural_ckpt, weights_only=False)["model"]
+    for row, trained in (("U-1", ("conv1", "bn1", "layer1")), ("U-23", ("conv1", "bn1", "layer2", "layer3"))):
+        state = torch.load(out / row / "checkpoint.pt", weights_only=False)["model"]
+        params = dict(rf.build_model("resnet18", 10, 4).named_parameters())
+        for k, v in state.items():
+            if k not in params:
+                continue                                   # BatchNorm statistics adapt (the official code)
+            moved = not torch.equal(v, start[k])
+            assert moved == (k.split(".")[0] in trained), (row, k)
+        config = json.loads((out / row / "config.json").read_text())
+        assert config["trainable"] == list(trained) and config["reinit"] is True
+    sat = torch.load(out / "SAT" / "checkpoint.pt", weights_only=False)["model"]
+    assert not torch.equal(sat["linear.weight"], start["linear.weight"])     # SAT trains everything
+    table = (out / "results.md").read_text()
+    assert "| U-23 | conv1, bn1, layer2, layer3 |" in table and "| SAT | everything |" in table
+    for png in ("layerwise_accuracy.png", "layerwise_robust_per_epoch.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_eps_cka_and_minpert_write_their_results_for_several_checkpoints(natural_ckpt, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(1)
+    torch.save(rf.build_model("resnet18", 10, 4).state_dict(), other / "model.pt")
+    common = [*FAST, "--test-size", "8", "--init", natural_ckpt, "--init", str(other / "model.pt")]
+    run_cli(["analyze", "eps", *common, "--eps-list", "2,8", "--out", str(tmp_path / "eps")], capsys)
+    eps = json.loads((tmp_path / "eps" / "results.json").read_text())
+    assert list(eps["models"]) == ["natural", "other"] and eps["n"] == 8
+    model = rf.build_model("resnet18", 10, 4)
+    model.load_state_dict(torch.load(natural_ckpt, weights_only=False)["model"])
+    split = rf.synthetic_data(2000, 500, seed=0).test
+    split = split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:8])
+    hand = rf.evaluate(model.eval(), split, ["pgd20"], 2 / 255, 0.5 / 255, seed=0)
+    assert eps["models"]["natural"]["2.0"] == hand["pgd20"] and eps["models"]["natural"]["clean"] == hand["clean"]
+    run_cli(["analyze", "cka", *common, "--out", str(tmp_path / "cka")], capsys)
+    cka = json.loads((tmp_path / "cka" / "results.json").read_text())
+    names = ["conv1"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["linear"]
+    assert cka["models"]["natural"]["names"] == names
+    assert all(0 <= v <= 1.0001 for v in cka["models"]["other"]["diagonal"].values())
+    run_cli(["analyze", "minpert", *common, "--tol", "2", "--out", str(tmp_path / "mp")], capsys)
+    mp = json.loads((tmp_path / "mp" / "results.json").read_text())
+    values = mp["models"]["natural"]["values"]
+    assert len(values) == 8 and all(v is None or 0 <= v <= 16 for v in values)
+    for name, png in (("eps", "accuracy_vs_eps.png"), ("cka", "cka.png"), ("mp", "minimum_perturbation.png"),
+                      ("mp", "minimum_perturbation_examples.png")):
+        assert (tmp_path / name / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / name / "results.md").exists()
 
 
 def test_compare_ablation_trains_the_six_cure_rows_from_one_natural_checkpoint(tmp_path, capsys):
@@ -2459,7 +2554,7 @@ def test_cli_beta_defaults_cure_5_trades_6_and_given_values_kept():
 # --- 3. Resume of a CURE run through the command line ------------------------------------------------
 
 FAST = [*SMALL, "--train-size", "64", "--batch-size", "16", "--val-size", "8", "--test-size", "16",
-        "--attacks", "pgd10", "--attack-steps", "1", "--no-autoattack"]      # 4 steps per epoch
+        "--attacks", "pgd10", "--attack-steps", "1", "--no-autoattack", "--no-corruptions"]   # 4 steps per epoch
 
 
 @pytest.fixture(scope="module")
@@ -2789,16 +2884,17 @@ def test_blind_cli_rift_module_skips_mrc_and_changes_only_that_module(natural_ck
 def test_rift_fine_tunes_rifts_published_resnet34_module_and_cure_masks_bottlenecks(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(rf.build_model("resnet34", 10, 1).state_dict(), tmp_path / "r34.pt")
-    common = ["synthetic", "--device", "cpu", "--width", "1", "--train-size", "32", "--val-size", "8",
-              "--test-size", "8", "--batch-size", "16", "--attacks", "pgd10", "--attack-steps", "1", "--no-autoattack"]
+    common = ["synthetic", "--device", "cpu", "--width", "1", "--train-size", "16", "--val-size", "4",
+              "--test-size", "4", "--batch-size", "16", "--attacks", "pgd10", "--attack-steps", "1", "--no-autoattack"]
     m = run_cli(["rift", *common, "--model", "resnet34", "--init", str(tmp_path / "r34.pt"),
                  "--module", "layer2.3.conv2", "--rift-epochs", "1", "--out", str(tmp_path / "rift")], capsys)
     assert m["module"] == "layer2.3.conv2" and len(m["alphas"]) == 11
+    assert set(m["after"]["corruptions"]["per_type"]) == set(rf.GENERATED_CORRUPTIONS)   # on by default for rift
     m = run_cli(["cure", *common, "--model", "resnet50", "--epochs", "1", "--natural-epochs", "1",
                  "--out", str(tmp_path / "cure")], capsys)
     log = [json.loads(line) for line in (tmp_path / "cure" / "log.jsonl").read_text().splitlines()]
     fraction = next(e["updated_fraction"] for e in log if "updated_fraction" in e)
-    assert len(fraction) == 53 and "layer4.2.conv3.weight" in fraction and "linear.weight" not in fraction
+    assert len(fraction) == 54 and "layer4.2.conv3.weight" in fraction and "linear.weight" in fraction
 
 
 def test_blind_cli_rift_mrc_only_ranks_every_conv_and_linear_and_stops(natural_ckpt, tmp_path, capsys):
@@ -3104,7 +3200,7 @@ def test_amp_bf16_runs_the_forwards_in_bf16_and_keeps_parameters_and_gradients_f
 
 
 def test_cure_run_records_its_mask_path_and_device_settings(tmp_path, capsys):
-    metrics = run_cli(["cure", *SMALL, "--epochs", "1", "--natural-epochs", "1", "--train-size", "64",
+    metrics = run_cli(["cure", *SMALL, "--epochs", "1", "--natural-epochs", "1", "--train-size", "32",
                        "--test-size", "16", "--attacks", "pgd10", "--channels-last", "--out", str(tmp_path)], capsys)
     assert metrics["mask_path"] == "plain"                  # on a CPU the plain path runs
     assert metrics["device_settings"] == dict(cudnn_benchmark=False, tf32=False, channels_last=True, amp="none",
@@ -3151,6 +3247,358 @@ def test_robust_ft_imports_no_project_module():
 
 
 # -----------------------------------------------------------------------------
+# 8. Analyses: CKA, minimum perturbation, the layer-wise study, gradient magnitudes, update shares,
+# against hand computations (Kornblith et al.'s CKA in NumPy, brute-force HSIC, the closed-form
+# minimum perturbation of linear models, bit-identical frozen tensors, hand-made mask sequences)
+# -----------------------------------------------------------------------------
+
+import itertools
+
+
+def kornblith_cka(x, y):
+    """Kornblith et al.'s `feature_space_linear_cka` (debiased=False), transcribed in numpy."""
+    x = x - x.mean(0, keepdims=True)
+    y = y - y.mean(0, keepdims=True)
+    return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def an_model(seed=0, classes=10):
+    """A width-2 ResNet-18, seeded."""
+    torch.manual_seed(seed)
+    return rf.build_model("resnet18", classes, width=2)
+
+
+def an_batch(n=8, size=8, seed=0, classes=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g), torch.randint(classes, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------------- CKA
+
+def test_cka_of_a_matrix_with_itself_is_one():
+    x = torch.randn(20, 7, generator=torch.Generator().manual_seed(0))
+    assert float(rf.linear_cka(x, x)) == pytest.approx(1.0, abs=1e-12)
+    wide = torch.randn(5, 30, generator=torch.Generator().manual_seed(1))   # Gram path (n < p)
+    assert float(rf.linear_cka(wide, wide)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_maps_and_isotropic_scaling_only():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    base = float(rf.linear_cka(x, y))
+    assert float(rf.linear_cka(x @ q, y)) == pytest.approx(base, abs=1e-12)
+    assert float(rf.linear_cka(3.7 * x, 0.2 * y)) == pytest.approx(base, abs=1e-12)
+    assert float(rf.linear_cka(x + 5.0, y - 2.0)) == pytest.approx(base, abs=1e-12)    # centring
+    skew = torch.diag(torch.tensor([1.0, 10, 1, 1, 1, 1], dtype=torch.float64))      # not orthogonal
+    assert abs(float(rf.linear_cka(x @ skew, y)) - base) > 1e-3
+
+
+def test_cka_on_a_4x2_example_by_hand():
+    # X is centred: X^T X = 2 I (||.||_F = 2 sqrt 2); Y^T Y = [2] (norm 2); Y^T X = [2, 0] (squared norm 4).
+    x = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
+    y = torch.tensor([[1.0], [0], [-1], [0]])
+    assert float(rf.linear_cka(x, y)) == pytest.approx(4 / (2 * math.sqrt(2) * 2), abs=1e-15)
+    assert float(rf.linear_cka(x, y)) == pytest.approx(1 / math.sqrt(2), abs=1e-15)
+
+
+@pytest.mark.parametrize("n,p,q", [(40, 5, 3), (6, 50, 20)])   # feature form and Gram form
+def test_cka_matches_kornblith_reference(n, p, q):
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, p, generator=g), torch.randn(n, q, generator=g)
+    y[:, 0] += 2 * x[:, 0]
+    ref = kornblith_cka(x.double().numpy(), y.double().numpy())
+    assert float(rf.linear_cka(x, y)) == pytest.approx(ref, rel=1e-10)
+    assert rf.linear_cka(x, y).dtype == torch.float64
+
+
+def test_unbiased_hsic_equals_the_u_statistic_by_brute_force():
+    # Song et al. 2012: HSIC_1 = (n-4)!/n! sum over distinct (i,j,q,r) of h, with
+    # h = 1/24 sum over the orderings (s,t,u,v) of k_st l_st + k_st l_uv - 2 k_st l_su.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    k, l = (x @ x.T).numpy(), (y @ y.T).numpy()
+    n, total = 6, 0.0
+    for quad in itertools.permutations(range(n), 4):
+        h = 0.0
+        for s, t, u, v in itertools.permutations(quad):
+            h += k[s, t] * l[s, t] + k[s, t] * l[u, v] - 2 * k[s, t] * l[s, u]
+        total += h / 24
+    expected = total * math.factorial(n - 4) / math.factorial(n)
+    assert float(rf.hsic_unbiased(x, y)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_block_features_are_the_module_outputs_and_hooks_go_away():
+    model, (x, _) = an_model(), an_batch()
+    model.train()
+    feats = rf.block_features(model, x, ["conv1", "layer1.0", "layer4.1", "linear"])
+    assert model.training
+    with torch.no_grad():
+        model.eval()
+        stem = model.conv1(model.normalize(x))
+        l10 = model.layer1[0](F.relu(model.bn1(stem)))
+        logits = model(x)
+    assert torch.equal(feats["conv1"], stem.flatten(1))
+    assert torch.equal(feats["layer1.0"], l10.flatten(1))
+    assert torch.equal(feats["linear"], logits)
+    assert feats["layer4.1"].shape == (8, 16 * 1 * 1)        # 8 * width channels at 1x1
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError):
+        rf.block_features(model, x[:, :2], ["conv1", "layer1.0"])    # wrong channel count
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError):
+        rf.block_features(model, x, ["layer9"])
+
+
+def test_clean_vs_adversarial_cka_is_one_at_eps_zero_and_matches_by_hand():
+    model, (x, y) = an_model(), an_batch(n=12)
+    split = rf.Split((x * 255).round().to(torch.uint8), y)
+    x = split.x.float() / 255                                       # what the function sees
+    names = rf.block_names(model)
+    same = rf.cka_clean_vs_adversarial(model, split, names, 0.0, 0.0, 2, 6, seed=0)
+    assert all(v == pytest.approx(1.0, abs=1e-9) for v in same.values())
+    same_mb = rf.cka_clean_vs_adversarial(model, split, names, 0.0, 0.0, 2, 6, seed=0, estimator="minibatch")
+    assert all(v == pytest.approx(1.0, abs=1e-9) for v in same_mb.values())
+    eps = 8 / 255
+    got = rf.cka_clean_vs_adversarial(model, split, ["layer2.1", "linear"], eps, 2 / 255, 3, 6, seed=5, cross=True)
+    x_adv = torch.cat([rf.pgd(model, x[i:i + 6], y[i:i + 6], eps, 2 / 255, 3,
+                              generator=rf.batch_generator(5, i // 6, x.device)) for i in (0, 6)])
+    model.eval()
+    acts = {}
+    hook = model.layer2[1].register_forward_hook(lambda m, i, o: acts.__setitem__("h", o.flatten(1)))
+    with torch.no_grad():
+        c_lin, c_l2 = model(x), acts["h"]
+        a_lin, a_l2 = model(x_adv), acts["h"]
+    hook.remove()
+    hand = lambda a, b: kornblith_cka(a.double().numpy(), b.double().numpy())   # noqa: E731
+    assert got["layer2.1"]["layer2.1"] == pytest.approx(hand(c_l2, a_l2), rel=1e-9)
+    assert got["layer2.1"]["linear"] == pytest.approx(hand(c_l2, a_lin), rel=1e-9)
+    assert got["linear"]["layer2.1"] == pytest.approx(hand(c_lin, a_l2), rel=1e-9)
+    assert got["linear"]["linear"] == pytest.approx(hand(c_lin, a_lin), rel=1e-9)
+
+
+def test_cka_layers_are_the_official_ones():
+    model = an_model()
+    assert rf.block_names(model) == ["conv1"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["linear"]
+    layers = rf.layer_names(model)
+    assert layers[:2] == ["conv1", "bn1"] and layers[-1] == "linear"
+    assert len(layers) == 1 + 1 + 4 * 2 * 4 + 3 * 2 + 1     # stem, 8 blocks x (2 conv + 2 bn), 3 shortcuts, fc
+
+
+# ----------------------------------------------------------------------------- minimum perturbation
+
+def linear_setup(classes, n=40, seed=0, d=(3, 2, 2)):
+    """f(x) = W vec(x) + b, x in [0.35, 0.65]: eps <= 0.3 never reaches the [0, 1] box."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(d)), classes))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(classes, int(np.prod(d)), generator=g))
+        model[1].bias.copy_(0.3 * torch.randn(classes, generator=g))
+    x = 0.35 + 0.3 * torch.rand(n, *d, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def closed_form(model, x, y):
+    """min_j (z_y - z_j) / ||w_y - w_j||_1, in float64 by hand."""
+    w, b = model[1].weight.detach().double().numpy(), model[1].bias.detach().double().numpy()
+    z = x.flatten(1).double().numpy() @ w.T + b
+    out = []
+    for i, c in enumerate(y.tolist()):
+        out.append(min((z[i, c] - z[i, j]) / np.abs(w[c] - w[j]).sum() for j in range(len(b)) if j != c))
+    return np.array(out)
+
+
+def test_pgd_takes_a_radius_and_step_per_example():
+    model, (x, y) = an_model(), an_batch()
+    ours = rf.pgd(model, x, y, torch.full((8,), 8 / 255), torch.full((8,), 2 / 255), 5, random_start=False)
+    assert torch.equal(ours, rf.pgd(model, x, y, 8 / 255, 2 / 255, 5, random_start=False))
+    eps = torch.linspace(0, 0.1, 8)
+    x_adv = rf.pgd(model, x, y, eps, eps / 4, 3, generator=torch.Generator().manual_seed(0))
+    assert ((x_adv - x).abs().flatten(1).max(1).values <= eps + 1e-7).all()
+    assert ((x_adv - x).abs().flatten(1).max(1).values[1:] > eps[1:] / 2).all()       # the radii are used
+    with pytest.raises(ValueError, match="eps"):
+        rf.pgd(model, x, y, -eps, eps / 4, 1)
+
+
+def test_minimum_perturbation_is_the_closed_form_for_a_binary_linear_model():
+    model, x, y = linear_setup(classes=2, n=60)
+    tol, eps_max = 1e-3, 0.2
+    got = rf.minimum_perturbation(model, x, y, eps_max, tol, steps=10, restarts=1, step_fraction=0.25,
+                                  generator=torch.Generator().manual_seed(0)).double().numpy()
+    want = closed_form(model, x, y)
+    inside = want < eps_max
+    assert inside.sum() >= 20 and (~inside).sum() >= 1          # both cases occur
+    assert np.all(np.isinf(got[~inside]))
+    assert np.all(got[inside] >= want[inside] - 1e-5)
+    assert np.all(got[inside] <= want[inside] + tol + 1e-5)
+
+
+def test_minimum_perturbation_never_beats_the_closed_form_with_more_classes():
+    model, x, y = linear_setup(classes=4, n=40, seed=1)
+    got = rf.minimum_perturbation(model, x, y, 0.3, 1e-3, 10, 2, 0.25, torch.Generator().manual_seed(0))
+    want = closed_form(model, x, y)
+    finite = np.isfinite(got.numpy())
+    assert finite.sum() >= 20
+    assert np.all(got.double().numpy()[finite] >= want[finite] - 1e-5)   # no attack beats the true minimum
+
+
+def test_minimum_perturbation_zero_when_wrong_and_inf_when_never_fooled():
+    model, x, y = linear_setup(classes=2, n=10, seed=2)
+    y_wrong = y.clone()
+    y_wrong[:3] = 1 - y_wrong[:3]                  # misclassified clean
+    got = rf.minimum_perturbation(model, x, y_wrong, 1e-4, 1e-5, 10, 1, 0.25, torch.Generator().manual_seed(0))
+    want = closed_form(model, x, y)
+    assert torch.equal(got[:3], torch.zeros(3))
+    assert all(math.isinf(v) for v, w in zip(got[3:].tolist(), want[3:]) if w > 1e-4)
+
+
+# ----------------------------------------------------------------------------- layer-wise freezing
+
+def test_layerwise_blocks_maps_the_u_notation():
+    assert rf.layerwise_blocks("23") == ("conv1", "bn1", "layer2", "layer3")
+    assert rf.layerwise_blocks(234, stem=False) == ("layer2", "layer3", "layer4")
+    assert rf.layerwise_blocks("45", stem=False) == ("layer4", "linear")
+    for bad in ("", "6", "11", "0"):
+        with pytest.raises(ValueError):
+            rf.layerwise_blocks(bad)
+
+
+def test_freeze_all_but_matches_whole_name_components():
+    model = nn.Module()
+    model.layer1, model.layer10 = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert rf.freeze_all_but(model, ["layer1"]) == ["layer1.weight", "layer1.bias"]
+    assert not model.layer10.weight.requires_grad
+    with pytest.raises(ValueError):
+        rf.freeze_all_but(model, ["layer2"])
+
+
+def _at_steps(model, n_steps=3):
+    opt = rf.make_optimizer(model, lr=0.1, weight_decay=5e-4)
+    model.train()
+    for s in range(n_steps):
+        x, y = an_batch(seed=s)
+        rf.at_step(model, opt, x, y, 8 / 255, 2 / 255, 2)
+
+
+@pytest.mark.parametrize("strict_bn", [False, True])
+def test_frozen_blocks_stay_bit_identical_under_adversarial_training(strict_bn):
+    model = an_model()
+    prefixes = rf.layerwise_blocks("23")
+    trainable = rf.freeze_all_but(model, prefixes)
+    assert trainable == [n for n, _ in model.named_parameters() if n.split(".")[0] in ("conv1", "bn1", "layer2", "layer3")]
+    handles = rf.freeze_bn_(model, prefixes) if strict_bn else []
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _at_steps(model)
+    after = model.state_dict()
+    params = dict(model.named_parameters())
+    for k in before:
+        frozen = not rf._under(k, prefixes)
+        if k in params:
+            assert torch.equal(before[k], after[k]) == frozen, k        # frozen: identical; trainable: moved
+        elif frozen and strict_bn:
+            assert torch.equal(before[k], after[k]), k                  # buffers of frozen BN too
+        elif k.endswith("running_mean"):
+            assert not torch.equal(before[k], after[k]), k              # official: statistics adapt
+    for h in handles:
+        h.remove()
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_reinitialize_touches_only_the_named_convs_and_classifier():
+    model = an_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rf.reinitialize_(model, ("layer2", "linear"), torch.Generator().manual_seed(0))
+    after = model.state_dict()
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        expect = k.startswith("layer2") and ("conv" in k or "shortcut.0" in k) or k.startswith("linear")
+        assert changed == expect, k
+    w = model.layer2[0].conv2.weight
+    assert w.abs().max() <= math.sqrt(6 / (w.shape[0] * 9))             # bound sqrt(6 / fan_out)
+    assert torch.equal(model.linear.bias, torch.zeros_like(model.linear.bias))
+    assert float(model.linear.weight.detach().std()) == pytest.approx(0.01, rel=0.3)
+
+
+# ----------------------------------------------------------------------------- gradients and update shares
+
+def test_gradient_magnitudes_equal_the_hand_mean():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, 3, 3, generator=g), None, torch.randn(7, generator=g)]
+    got = rf.gradient_magnitudes(grads)
+    want = [np.abs(grads[0].double().numpy()).mean(), 0.0, np.abs(grads[2].double().numpy()).mean()]
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_optimizer_pre_hook_sees_the_step_gradient_of_at():
+    model = an_model()
+    names = rf.conv2_names(model)
+    assert names == [f"layer{i}.{j}.conv2.weight" for i in range(1, 5) for j in range(2)]
+    params = [dict(model.named_parameters())[n] for n in names]
+    opt = rf.make_optimizer(model, lr=0.1, weight_decay=5e-4)
+    total, hand = torch.zeros(len(names)), np.zeros(len(names))
+    def hook(optimizer, args, kwargs):     # a step pre-hook must return None (else: new args)
+        total.add_(rf.gradient_magnitudes([p.grad for p in params]))
+    opt.register_step_pre_hook(hook)
+    model.train()
+    for s in range(2):
+        x, y = an_batch(seed=s)
+        rf.at_step(model, opt, x, y, 8 / 255, 2 / 255, 2)
+        hand += [np.abs(p.grad.double().numpy()).mean() for p in params]   # SGD leaves .grad as it was
+    assert total.tolist() == pytest.approx(hand.tolist(), rel=1e-5)
+
+
+def test_update_counts_from_the_pre_hook_agree_with_cure_mask_counts():
+    model = an_model()
+    cfg = rf.CureConfig(exclude=(rf.classifier_name(model),))
+    masked = [(n, p) for n, p in rf.masked_parameters(model, cfg.exclude)]
+    counts = [torch.zeros_like(p, dtype=torch.int32) for _, p in masked]
+    opt = rf.make_optimizer(model, lr=0.1, weight_decay=5e-4)
+    def hook(optimizer, args, kwargs):
+        rf.count_updates_(counts, [p.grad for _, p in masked])
+    opt.register_step_pre_hook(hook)
+    revision, schedule = rf.cure_revision(model, cfg), rf.CureSchedule.for_run(cfg, 2)
+    updated, coin = {}, torch.Generator().manual_seed(0)
+    model.train()
+    for s in range(2):
+        x, y = an_batch(seed=s)
+        rf.cure_step(model, opt, x, y, revision, cfg, schedule, coin, 8 / 255, 2 / 255, 2, updated=updated)
+    for (n, _), c in zip(masked, counts):
+        assert int(c.sum()) == int(updated[n]), n
+    shares = rf.update_shares({0: dict(zip([n for n, _ in masked], counts))}, {0: 2})
+    for n, _ in masked:
+        assert shares[0][n]["per_step"] == pytest.approx(int(updated[n]) / (2 * dict(masked)[n].numel()))
+        numel = dict(masked)[n].numel()                  # the rank-k rule zeroes >= floor(0.3 n) per step
+        assert shares[0][n]["per_step"] <= (numel - math.floor(0.3 * numel)) / numel
+
+
+def test_update_shares_on_a_hand_made_mask_sequence():
+    steps = {0: [[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 1]],       # entries 0 and 3 updated, 1 and 2 never
+             1: [[0, 1, 0, 0], [0, 1, 0, 0]]}                     # only entry 1
+    per_phase = {}
+    for phase, masks in steps.items():
+        counts = [torch.zeros(2, 2, dtype=torch.int32)]
+        for m in masks:
+            grad = torch.tensor(m, dtype=torch.float32).view(2, 2) * torch.tensor([[0.5, -2.0], [3.0, -1e-3]])
+            rf.count_updates_(counts, [grad])
+        per_phase[phase] = {"w": counts[0]}
+    got = rf.update_shares(per_phase, {0: 3, 1: 2})
+    assert per_phase[0]["w"].flatten().tolist() == [2, 0, 0, 2]
+    assert got[0]["w"] == {"updated": 0.5, "never": 0.5, "per_step": 4 / 12}
+    assert got[1]["w"] == {"updated": 0.25, "never": 0.75, "per_step": 2 / 8}
+    flags = rf.update_shares({2: {"w": torch.tensor([True, False, False, False, True])}})
+    assert flags[2]["w"] == {"updated": 0.4, "never": 0.6}
+
+
+def test_training_phase_splits_the_run_in_thirds():
+    assert [rf.training_phase(e, 10) for e in range(10)] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [rf.training_phase(e, 200) for e in (0, 66, 67, 133, 134, 199)] == [0, 0, 1, 1, 2, 2]
+
+
+# -----------------------------------------------------------------------------
 # RobustBench model zoo (issue 12)
 # -----------------------------------------------------------------------------
 # Zoo checkpoints are made here, offline: an entry's architecture from robustbench's own registry
@@ -3168,7 +3616,7 @@ import importlib.util
 import shutil
 import sys
 
-ZOO = ["synthetic", "--preset", "quick", "--device", "cpu", "--no-autoattack", "--attacks", "pgd10",
+ZOO = ["synthetic", "--preset", "quick", "--device", "cpu", "--no-autoattack", "--attacks", "pgd10", "--no-corruptions",
        "--train-size", "8", "--val-size", "1", "--test-size", "4", "--batch-size", "8",
        "--rift-epochs", "1", "--mrc-size", "8"]
 ZOO_ENTRIES = {"Wong2020Fast": 11_171_146, "Addepalli2022Efficient_RN18": 11_173_962}   # parameters
@@ -3371,7 +3819,7 @@ def test_zoo_option_errors_need_no_robustbench(tmp_path, capsys):
     base = [*ZOO[1:], "--out", str(tmp_path)]
     assert "--init-weights needs --init robustbench:NAME" in cli_error(
         ["eval", "synthetic", *base, "--init", "m.pt", "--init-weights", "w.pt"], capsys)
-    assert "works with eval and rift, not 'at'" in cli_error(
+    assert "works with eval, rift and analyze, not 'at'" in cli_error(
         ["at", "synthetic", *base, "--init", "robustbench:Wong2020Fast"], capsys)
     assert "not 'svhn'" in cli_error(["eval", "svhn", *base, "--init", "robustbench:Wong2020Fast"], capsys)
 
