@@ -1346,19 +1346,33 @@ def _to_split(images, labels):
     return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
-def _read_image_folder(root):
-    """ImageFolder layout root/<class>/<file>: decode every image once into uint8 NCHW."""
-    from PIL import Image
+def _image_folder_files(root):
+    """ImageFolder layout root/<class>/<file>: the sorted class names, every file's path (class by
+    class, in name order) and its label, the class's index."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    images, labels, per_class = [], [], []
+    paths, labels = [], []
     for label, cls in enumerate(classes):
         files = sorted(os.listdir(os.path.join(root, cls)))
-        per_class.append(len(files))
-        for f in files:
-            with Image.open(os.path.join(root, cls, f)) as im:
-                images.append(np.asarray(im.convert("RGB")))
-            labels.append(label)
-    return _to_split(images, labels), classes, per_class
+        paths += [os.path.join(root, cls, f) for f in files]
+        labels += [label] * len(files)
+    return classes, paths, labels
+
+
+def _decode(paths):
+    """Every image file decoded once, as uint8 HWC RGB arrays (greyscale ones converted)."""
+    from PIL import Image
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB")))   # some Tiny-ImageNet JPEGs are greyscale
+    return images
+
+
+def _read_image_folder(root):
+    """ImageFolder layout root/<class>/<file>: decode every image once into uint8 NCHW."""
+    classes, paths, labels = _image_folder_files(root)
+    per_class = [labels.count(i) for i in range(len(classes))]
+    return _to_split(_decode(paths), labels), classes, per_class
 
 
 def folder_data(root, holdout_per_class=500):
@@ -1388,15 +1402,6 @@ def _tiny_imagenet_root(data_dir):
             return root
     raise FileNotFoundError(f"tinyimagenet: no wnids.txt in {os.path.abspath(data_dir)!r} or its tiny-imagenet-200/; "
                             f"pass the folder extracted from tiny-imagenet-200.zip (cs231n.stanford.edu)")
-
-
-def _decode(paths):
-    from PIL import Image
-    images = []
-    for path in paths:
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))   # some Tiny-ImageNet JPEGs are greyscale
-    return images
 
 
 def tiny_imagenet_data(data_dir):
@@ -2605,12 +2610,7 @@ def _load_jpeg_corrupted(directory, names, severities, num):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"corruption folder {folder!r} not found; download Tiny-ImageNet-C "
                                         f"(zenodo.org/record/2536630) and pass its folder")
-            classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-            paths, labels = [], []
-            for label, wnid in enumerate(classes):
-                files = sorted(os.listdir(os.path.join(folder, wnid)))
-                paths += [os.path.join(folder, wnid, f) for f in files]
-                labels += [label] * len(files)
+            _, paths, labels = _image_folder_files(folder)
             if num is not None and num < len(paths):
                 keep = torch.randperm(len(paths), generator=torch.Generator().manual_seed(s))[:num].sort().values
                 paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]

@@ -753,7 +753,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         loss = rf.train_epoch(model, optimizer, fn, train_split, args.batch_size, lr, generator,
                               Progress(f"{method} epoch {epoch + 1}/{epochs}"), **shard)
         seconds = time.time() - t0
-        entry = dict(epoch=epoch + 1, lr=lr, loss=loss, seconds=seconds, **stats.epoch_end(steps_per_epoch))
+        entry = dict(epoch=epoch + 1, lr=lr, loss=loss, seconds=seconds, **stats.epoch_end())
         eval_split = val.subset(slice(0, args.epoch_eval_size))
         entry["val"] = rf.evaluate(model, eval_split, ["pgd20"], args.eps_px, seed=args.seed, **shard)
         if cure is not None:
@@ -836,7 +836,7 @@ class TrainingStats:
         self.steps += 1
         self.phase_steps += 1
 
-    def epoch_end(self, steps_per_epoch):
+    def epoch_end(self):
         """{"grad_magnitude": {conv2 name: mean |g| over this epoch's steps}} (empty without conv2)."""
         if not self.conv2 or not self.steps:
             return {}
@@ -1618,19 +1618,30 @@ def results_table(results):
     return "\n".join(lines) + "\n"
 
 
-def make_plots(out, rows, methods):
-    """The papers' figures from the runs' records; returns the PNG paths written."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out, name):
+    """Write `fig` to OUT/name (tight layout, 110 dpi), close it, and return the path."""
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def make_plots(out, rows, methods):
+    """The papers' figures from the runs' records; returns the PNG paths written."""
+    plt = _pyplot()
     paths = []
 
     def save(fig, name):
-        path = os.path.join(out, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out, name))
 
     fig, ax = plt.subplots(figsize=(5, 4))                       # Figure 1: clean vs robust
     for name, metrics in rows.items():
@@ -1797,9 +1808,7 @@ def cmd_layerwise(args):
 
 def layerwise_plots(out, results, trained_rows):
     """CURE Fig. 2b (clean and robust accuracy per row) and Fig. 4 (validation PGD-20 per epoch)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
     names = list(rows)
@@ -1809,10 +1818,7 @@ def layerwise_plots(out, results, trained_rows):
     ax.set(ylabel="test accuracy (%)", title="Layer-wise study: adversarial training of some blocks only")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    paths = [os.path.join(out, "layerwise_accuracy.png")]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    paths = [_save(fig, out, "layerwise_accuracy.png")]
     fig, ax = plt.subplots(figsize=(5, 4))
     for name in trained_rows:
         log = read_log(os.path.join(out, name, "log.jsonl"))
@@ -1820,10 +1826,7 @@ def layerwise_plots(out, results, trained_rows):
     ax.set(xlabel="epoch", ylabel="validation PGD-20 accuracy (%)", title="Robust accuracy per epoch")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "layerwise_robust_per_epoch.png"))
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out, "layerwise_robust_per_epoch.png"))
     return paths
 
 
@@ -1940,21 +1943,6 @@ def analyze_minpert(args, models, test):
         lines.append(f"| {label} | {r['median']:.2f} | {mean} | {r['wrong_clean']:.1f} | {r['not_fooled']:.1f} |")
     results["examples"] = dict(images=test.x[:6].cpu().tolist(), labels=test.y[:6].tolist())
     return results, lines
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, out, name):
-    path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
 
 
 def plot_cka(out, results):
