@@ -185,20 +185,22 @@ def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     unselected = tl.zeros([], dtype=tl.int32)
     # a fixed trip count (the lanes past `end` are masked): the interpreters of triton 3.2 and
     # older cannot take a tensor-valued range() under NumPy 2, and the compiled loop needs no bound
-    # from memory
+    # from memory. Blocks wholly past `end` add nothing and are skipped: the branch is uniform
+    # across the program, and small tensors (one block of eight) then cost one block, not eight.
     for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
-        inb = offs < end
-        key = _rgp_score_key(seg_ptr, seg, offs, inb, a, b)
-        selected = inb
-        if PASS > 0:
-            selected = selected & ((key >> (32 - 8 * PASS)) == prefix)
-        # digits masked to [0, 256): the interpreter's histogram drops out-of-range values
-        digit = (key >> (24 - 8 * PASS)) & 255
-        # tl.histogram takes no mask before Triton 3.2: count the unselected lanes in bin 0 and
-        # take them out again below (exact, one reduction per block)
-        acc += tl.histogram(tl.where(selected, digit, 0), 256)
-        unselected += BLOCK - tl.sum(selected.to(tl.int32), 0)
+        if start + i < end:
+            offs = start + i + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 bytes
+            inb = offs < end
+            key = _rgp_score_key(seg_ptr, seg, offs, inb, a, b)
+            selected = inb
+            if PASS > 0:
+                selected = selected & ((key >> (32 - 8 * PASS)) == prefix)
+            # digits masked to [0, 256): the interpreter's histogram drops out-of-range values
+            digit = (key >> (24 - 8 * PASS)) & 255
+            # tl.histogram takes no mask before Triton 3.2: count the unselected lanes in bin 0 and
+            # take them out again below (exact, one reduction per block)
+            acc += tl.histogram(tl.where(selected, digit, 0), 256)
+            unselected += BLOCK - tl.sum(selected.to(tl.int32), 0)
     bins = tl.arange(0, 256)
     acc -= tl.where(bins == 0, unselected, 0)
     tl.atomic_add(hist_ptr + (PASS * num_segs + seg) * 256 + bins, acc, mask=acc > 0)
@@ -225,10 +227,11 @@ def _rgp_mask_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
     # mixed into a block mask gets no portable dtype (Triton 3.9's interpreter rejects it).
     score_end = tl.where(k < n, end, start)    # a k = n segment reads no score ...
     zero_end = tl.where(k == n, end, start)    # ... and is zeroed whole
-    for i in range(0, CHUNK, BLOCK):                # fixed trip count, as in the histogram pass
-        offs = start + i + tl.arange(0, BLOCK)
-        key = _rgp_score_key(seg_ptr, seg, offs, offs < score_end, a, b)
-        _rgp_store_zero(g_addr, g_code, offs, (offs < end) & ((key < threshold) | (offs < zero_end)))
+    for i in range(0, CHUNK, BLOCK):    # fixed trip count, empty blocks skipped, as in the histogram pass
+        if start + i < end:
+            offs = start + i + tl.arange(0, BLOCK)
+            key = _rgp_score_key(seg_ptr, seg, offs, offs < score_end, a, b)
+            _rgp_store_zero(g_addr, g_code, offs, (offs < end) & ((key < threshold) | (offs < zero_end)))
 
 
 # =============================================================================
