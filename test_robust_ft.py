@@ -398,7 +398,8 @@ def run_cli(argv, capsys):
 @pytest.mark.parametrize("method", ["natural", "trades"])
 def test_cli_trains_end_to_end_and_writes_metrics(method, tmp_path, capsys):
     out = tmp_path / method
-    metrics = run_cli([method, *SMALL, "--val-size", "16", "--test-size", "32", "--out", str(out)], capsys)
+    metrics = run_cli([method, *SMALL, "--train-size", "96", "--val-size", "16", "--test-size", "32",
+                       "--out", str(out)], capsys)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["method"] == method and on_disk["test"]["n"] == 32
@@ -786,6 +787,8 @@ def test_table9_defaults():
 
 
 def test_cure_beats_natural_training_under_pgd(natural_model, natural_pgd10):
+    """Two epochs of CURE (PGD-2 during training) from the natural model. With torch 2.15 on this
+    set, seeds 0, 1, 2 gave clean 97.5/90.5/83.0% and PGD-10 39.0/34.0/23.0% against the natural 6.5%."""
     natural, data = natural_model
     torch.manual_seed(0)      # the attacks' random starts: not whatever the tests before left behind
     model = __import__("copy").deepcopy(natural).train()
@@ -796,7 +799,7 @@ def test_cure_beats_natural_training_under_pgd(natural_model, natural_pgd10):
     schedule = rf.CureSchedule.for_run(cfg, 2 * (len(data.train) // 32))
 
     def step(m, o, x, y):
-        return rf.cure_step(m, o, x, y, revision, cfg, schedule, gr, EPS, 2 / 255, 3)
+        return rf.cure_step(m, o, x, y, revision, cfg, schedule, gr, EPS, 2 / 255, 2)
 
     for _ in range(2):
         rf.train_epoch(model, opt, step, data.train, 32, 0.05, g)
@@ -848,7 +851,8 @@ def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path
     assert again["table"] == first["table"]
 
 
-def test_cure_logs_the_entries_updated_at_least_once_in_each_third_of_training(tmp_path, capsys, monkeypatch):
+def test_cure_logs_the_entries_updated_at_least_once_in_each_third_of_training(natural_ckpt, tmp_path, capsys,
+                                                                                 monkeypatch):
     kept = []                                      # per step: the entries the mask let through
 
     def spy(grads, grads_nat, grads_adv, alpha, percentile):
@@ -856,7 +860,7 @@ def test_cure_logs_the_entries_updated_at_least_once_in_each_third_of_training(t
         kept.append([g != 0 for g in grads])
 
     monkeypatch.setattr(run, "mask_function", lambda device: spy)
-    run_cli(["cure", *FAST, "--epochs", "3", "--natural-epochs", "1", "--out", str(tmp_path)], capsys)
+    run_cli(["cure", *FAST, "--epochs", "3", "--init", natural_ckpt, "--out", str(tmp_path)], capsys)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     phases = [e["update_shares"] for e in log if "update_shares" in e]
     assert [p["phase"] for p in phases] == ["initial", "middle", "final"] and len(kept) == 12
@@ -3880,11 +3884,9 @@ def test_autoattack_defaults_per_preset():
 # =============================================================================
 # Data parallel (torchrun): 2 gloo processes on the CPU compute what one process computes
 # =============================================================================
-import datetime
 import signal
 import socket
 import subprocess
-import textwrap
 import time
 
 import torch.distributed as dist
@@ -3977,13 +3979,16 @@ def ddp_finetune(rank=0, world_size=1):
     return model.state_dict(), losses
 
 
-def ddp_worker(rank, world_size, init_file, out_dir):
-    """One rank of the 2-process tests; saves what it computed to out_dir/rank{rank}.pt."""
+def ddp_worker(rank, world_size, port, out_dir):
+    """One rank of the 2-process tests, joined as under torchrun (its environment variables, then
+    run.setup_distributed); saves what it computed, and its thread counts, to out_dir/rank{rank}.pt."""
     torch.set_num_threads(1)
-    importlib.import_module("torch._dynamo")   # before the group, or its threads outlive it (run.setup_distributed)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))     # a hang becomes an error
-    result = {}
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    threads = lambda: len(os.listdir("/proc/self/task"))    # noqa: E731
+    torch.ones(4).sum()
+    result = {"threads_before": threads()}
+    run.setup_distributed(argparse.Namespace(method="cure", batch_size=8, sync_bn=None, device="cpu"))
     real_pgd, real_aa = rf.pgd, rf.autoattack_one
     try:
         # (1) one step of each method on this rank's half of the global batch
@@ -4032,6 +4037,7 @@ def ddp_worker(rank, world_size, init_file, out_dir):
     finally:
         rf.pgd, rf.autoattack_one = real_pgd, real_aa
         dist.destroy_process_group()
+    result["threads_after"] = threads()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -4039,7 +4045,10 @@ def ddp_worker(rank, world_size, init_file, out_dir):
 def ddp_ranks(tmp_path_factory):
     """What each of 2 gloo ranks computed in `ddp_worker` (one spawn for the tests below)."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(ddp_worker, args=(2, str(out / "rendezvous"), str(out)), nprocs=2, join=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
 
 
@@ -4226,7 +4235,8 @@ def test_torchrun_cure_end_to_end_killed_and_resumed(natural_ckpt, tmp_path):
     """Test 4: torchrun with 2 gloo processes writes one metrics.json and prints one JSON line;
     killed (SIGTERM to torchrun, which ends its workers) after a CURE checkpoint and rerun with
     --resume, it ends with the same metrics as the uninterrupted 2-process run."""
-    cli = ["cure", *FAST, "--epochs", "3", "--init", natural_ckpt]      # global batch 16: 8 per rank
+    cli = ["cure", *FAST, "--epochs", "3", "--train-size", "32", "--val-size", "4", "--test-size", "8",
+           "--init", natural_ckpt]                                # global batch 16: 8 per rank, 2 steps an epoch
     straight = torchrun_metrics([*cli, "--out", str(tmp_path / "a")])
     assert (straight["world_size"], straight["backend"]) == (2, "gloo")
     assert json.load(open(tmp_path / "a" / "metrics.json")) == straight
@@ -4251,40 +4261,12 @@ def test_torchrun_cure_end_to_end_killed_and_resumed(natural_ckpt, tmp_path):
         assert resumed.get(key) == straight.get(key), key
 
 
-def test_torchrun_process_group_frees_its_threads(tmp_path):
-    """After setup_distributed, an optimiser step (which imports torch._dynamo) and destroy_process_group,
-    no gloo thread is left: such threads, alive at interpreter exit, aborted ranks now and then."""
-    script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(f"""
-        import argparse, os, sys, torch
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import run
-        threads = lambda: len(os.listdir("/proc/self/task"))
-        torch.ones(4).sum()
-        before = threads()
-        args = argparse.Namespace(method="natural", batch_size=16, sync_bn=None, device="cpu")
-        run.setup_distributed(args)
-        model = torch.nn.Linear(3, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        model(torch.ones(1, 3)).sum().backward()
-        optimizer.step()
-        run.dist.all_reduce(model.weight.grad)
-        run.dist.destroy_process_group()
-        with open(os.path.join({str(tmp_path)!r}, f"threads{{args.rank}}.txt"), "w") as f:
-            f.write(f"{{before}} {{threads()}}")
-    """))
-    # the two ranks started as torchrun starts them (its environment variables), without the
-    # launcher's own process: the process group and its threads are the same
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, stderr[-3000:]
-    counts = [(tmp_path / f"threads{rank}.txt").read_text().split() for rank in (0, 1)]
+def test_torchrun_process_group_frees_its_threads(ddp_ranks):
+    """After run.setup_distributed, optimiser steps (the first imports torch._dynamo) and
+    destroy_process_group, no gloo thread is left: such threads, alive at interpreter exit, aborted
+    ranks now and then."""
+    ranks, _ = ddp_ranks
+    counts = [(r["threads_before"], r["threads_after"]) for r in ranks]
     assert all(before == after for before, after in counts), counts     # (3 more without the fix)
 
 
