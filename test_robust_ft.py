@@ -42,6 +42,11 @@ def tiny_batch(n=8, size=16, seed=0):
     return torch.rand(n, 3, size, size, generator=g), torch.randint(10, (n,), generator=g)
 
 
+def no_attack(model, x, *args, **kwargs):
+    """Stands in for rf.pgd where a test checks names or files, not attacks: x unchanged."""
+    return x.detach().clone()
+
+
 # -----------------------------------------------------------------------------
 # Models
 # -----------------------------------------------------------------------------
@@ -2893,7 +2898,7 @@ def test_blind_cli_rift_module_skips_mrc_and_changes_only_that_module(natural_ck
 
 
 def test_rift_fine_tunes_rifts_published_resnet34_module_and_cure_masks_bottlenecks(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(rf, "pgd", lambda model, x, *args, **kwargs: x.detach().clone())   # names, not attacks
+    monkeypatch.setattr(rf, "pgd", no_attack)                      # names, not attacks
     torch.manual_seed(0)
     torch.save(rf.build_model("resnet34", 10, 1).state_dict(), tmp_path / "r34.pt")
     common = ["synthetic", "--device", "cpu", "--width", "1", "--train-size", "16", "--val-size", "4",
@@ -3758,7 +3763,7 @@ def test_cli_rift_module_on_a_zoo_checkpoint_saves_a_state_dict_robustbench_and_
     module, out = "layer4.1.conv2", tmp_path / "rift"
     monkeypatch.setattr(rf, "select_alpha", lambda table, tolerance: 0.5)   # the tuned module shows up
     # the weights' round trip is under test, not the attacks, which at full width take most of the time
-    monkeypatch.setattr(rf, "pgd", lambda model, x, *args, **kwargs: x.detach().clone())
+    monkeypatch.setattr(rf, "pgd", no_attack)
     m = run_cli(["rift", *ZOO, "--init", "robustbench:Wong2020Fast", "--model-dir", str(model_dir),
                  "--module", module, "--lr", "0.05", "--out", str(out)], capsys)
     assert offline == [] and m["module"] == module and m["alpha"] == 0.5
@@ -3977,7 +3982,7 @@ def ddp_worker(rank, world_size, port, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     threads = lambda: len(os.listdir("/proc/self/task"))    # noqa: E731
-    torch.ones(4).sum()
+    torch.ones(4).sum()                                      # torch's own threads start before the count
     result = {"threads_before": threads()}
     run.setup_distributed(argparse.Namespace(method="cure", batch_size=8, sync_bn=None, device="cpu"))
     real_pgd, real_aa = rf.pgd, rf.autoattack_one
