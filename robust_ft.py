@@ -163,12 +163,23 @@ def make_optimizer(model, lr, weight_decay, momentum=0.9):
                            momentum=momentum, weight_decay=weight_decay)
 
 
-def step_lr(base_lr, epoch, epochs, milestones=(0.5, 0.75)):
-    """Piecewise-constant schedule: lr / 10 after each milestone (fractions of the run).
+def lr_milestones(epochs, fractions=(0.5, 0.75)):
+    """The epochs after which lr drops by 10 in a run of `epochs`: each fraction of the run, rounded
+    half up, kept only inside the run and after the previous drop, so no two drops share an epoch
+    (3 epochs: one drop, at epoch 2). 200 epochs give (100, 150), the official CURE schedule
+    (NeurAI-Lab/CURE `utilities/args.py`) and Rice et al.'s."""
+    drops = []
+    for f in fractions:
+        e = math.floor(f * epochs + 0.5)
+        if 0 < e < epochs and (not drops or e > drops[-1]):
+            drops.append(e)
+    return tuple(drops)
 
-    (0.5, 0.75) of 200 epochs is epochs 100 and 150, the official CURE and Rice et al. schedule.
-    """
-    return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
+
+def step_lr(base_lr, epoch, milestones=(100, 150)):
+    """lr at (0-based) `epoch`: base_lr / 10 for every milestone epoch reached (a piecewise-constant
+    schedule; the default is the papers' 200-epoch run, see `lr_milestones` for other lengths)."""
+    return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
 def train_epoch(model, optimizer, train_step, split, batch_size, lr, generator, progress=None, rank=0,
@@ -285,8 +296,8 @@ class CureConfig:
     # cure_loss_dual's beta by `utilities/train.py` on every path. With weight 1, CURE keeps more
     # clean accuracy but loses much of the robustness (the README's ablation).
     beta: float = 5.0
-    rate: float = 0.2          # revision rate r at the start, decayed linearly to r/10 (Table 9, Sec. 4)
-    decay: float = 0.999       # revision decay d for a 200-epoch run (Table 9); see `revision_decay`
+    rate: float = 0.2          # revision rate r (Table 9); the paper variant decays it, see `revision_rate`
+    decay: float = 0.999       # revision decay d (Table 9); see `CureSchedule.for_run` for the d a run uses
     exclude: tuple = ()        # masked-tensor names to leave unmasked (e.g. the classifier)
     # "paper": Eq. 6's score and the exact rank-k rule on every weight, eval-mode revision model with
     # r_t decaying. "official": the official code's rgp_soft mask (`official_rgp_mask_`) and its
@@ -316,6 +327,7 @@ def cure_defaults(model_name, dataset):
 
 
 PAPER_STEPS = 200 * 391   # 200 epochs x 391 batches of 128 CIFAR images: the paper's CURE run
+DECAY_FLOOR = 0.5         # the smallest d a paper-variant revision uses: the official first update's
 
 
 def expected_revisions(rate, total_steps):
@@ -323,16 +335,20 @@ def expected_revisions(rate, total_steps):
     return 0.55 * rate * total_steps
 
 
-def revision_decay(decay, rate, total_steps):
-    """The decay d actually used: keep the horizon 1/(1 - d) at the paper's share of the updates.
+def revision_decay(decay, rate, total_steps, floor=DECAY_FLOOR):
+    """The paper variant's d for a run of S steps (this project's rule, not the paper's or the
+    official code's): the horizon 1/(1 - d) kept at the paper run's share of the revisions, floored.
 
     The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
-    epochs. A short run makes far fewer revisions, so its horizon shrinks in proportion:
-    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, 1 - 1/H) (never larger than d, H >= 1).
+    epochs, about the last tenth of the run. A short run keeps that share, so its revision model
+    still follows the training model instead of staying at the natural model it started from:
+    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, max(floor, 1 - 1/H)). The floor keeps
+    every revision an average (d > 0) in runs too short for one horizon.
     """
     share = (1.0 / (1.0 - decay)) / expected_revisions(rate, PAPER_STEPS)
-    horizon = max(1.0, share * expected_revisions(rate, total_steps))
-    return min(decay, 1.0 - 1.0 / horizon)
+    horizon = share * expected_revisions(rate, total_steps)
+    scaled = 1.0 - 1.0 / horizon if horizon > 1.0 else 0.0
+    return min(decay, max(floor, scaled))
 
 
 class Revision:
@@ -357,14 +373,12 @@ class Revision:
         return self.model(x), self.model(x_adv)
 
     @torch.no_grad()
-    def update_(self, model, decay, t):
-        """theta_rev <- d_t * theta_rev + (1 - d_t) * theta, d_t = min(d, 1 - 1/(t + 1)) (Eq. 7).
+    def update_(self, model, d):
+        """Eq. 7: theta_rev <- d * theta_rev + (1 - d) * theta.
 
-        The min() is the mean-teacher warm-up: early updates move the copy quickly, so it does not
-        sit at its initial weights. In eval mode floating-point buffers (BatchNorm statistics) are
-        averaged too and integer buffers copied; in train mode the buffers are the copy's own.
+        In eval mode floating-point buffers (BatchNorm statistics) are averaged too and integer
+        buffers copied; in train mode the buffers are the copy's own.
         """
-        d = min(decay, 1.0 - 1.0 / (t + 1))
         if self.train_mode:
             rev = [p for p in self.model.parameters()]
             cur = [p.detach() for p in model.parameters()]
@@ -379,14 +393,17 @@ class Revision:
         torch._foreach_add_(rev, cur, alpha=1.0 - d)
         self.updates += 1
 
-    def maybe_update_(self, model, decay, rate, t, generator):
-        """With probability `rate` apply Eq. 7 at training step t (the draw is on the host: no device sync)."""
+    def maybe_update_(self, model, d, rate, generator):
+        """With probability `rate`, Eq. 7 with decay d (the draw is on the host: no device sync)."""
         if torch.rand((), generator=generator).item() < rate:
-            self.update_(model, decay, t)
+            self.update_(model, d)
 
 
 def revision_rate(rate, progress):
-    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1)."""
+    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1).
+
+    This project's reading of the paper, which says only that r is "gradually decayed" (Sec. 4)
+    and gives no formula; the official code keeps r constant."""
     return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
 
 
@@ -405,21 +422,30 @@ def cure_revision(model, cfg):
 class CureSchedule:
     """Where a CURE run is: its step counter t, its length S and the revision decay d it uses.
 
-    The one place that holds the schedule: r_t (`rate`) and the mean-teacher warm-up both read t,
-    and `cure_step` advances it. A checkpoint saves `t`; the rest follows from the run's settings.
+    The one place that holds the schedule: r_t (`rate`) and d_t (`decay_now`) both read t, and
+    `cure_step` advances it. A checkpoint saves `t`; the rest follows from the run's settings.
     """
     total_steps: int          # S, the CURE steps of the run: r_t reaches r/10 at the last one
-    decay: float              # the d actually used, `revision_decay(cfg.decay, cfg.rate, S)`
+    decay: float              # the d this run uses (`for_run`), before the warm-up of `decay_now`
     t: int = 0                # steps taken so far
 
     @classmethod
     def for_run(cls, cfg, total_steps):
-        """The schedule of a run of `total_steps` CURE steps with cfg's r and d."""
+        """The schedule of a run of `total_steps` CURE steps: the official variant uses cfg's d as
+        its code does, whatever the run's length; the paper variant `revision_decay`'s d."""
+        if cfg.variant == "official":
+            return cls(total_steps, cfg.decay)
         return cls(total_steps, revision_decay(cfg.decay, cfg.rate, total_steps))
 
     def rate(self, cfg):
         """r_t now (`cure_rate`: decaying for the paper variant, constant for the official one)."""
         return cure_rate(cfg, self.t / max(1, self.total_steps))
+
+    def decay_now(self):
+        """d_t = min(d, 1 - 1/(t + 2)), the official code's mean-teacher warm-up (`utilities/train.py`,
+        `update_ema_model_variables`): it counts batches from 1 and increments before revising, so
+        the update after step t (0-based) sees t + 1 and the first one averages half and half."""
+        return min(self.decay, 1.0 - 1.0 / (self.t + 2))
 
 
 def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
@@ -492,7 +518,7 @@ def cure_update_(model, optimizer, g, revision, cfg, schedule, generator):
     for p, gi in zip([p for p in model.parameters() if p.requires_grad], g):
         p.grad = gi
     optimizer.step()
-    revision.maybe_update_(model, schedule.decay, schedule.rate(cfg), schedule.t, generator)
+    revision.maybe_update_(model, schedule.decay_now(), schedule.rate(cfg), generator)
     schedule.t += 1
 
 
@@ -735,7 +761,7 @@ def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, b
     """
     own = {id(p) for p in rift_module(model, name).parameters()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    milestones = ((epochs // 2) / epochs,) if epochs >= 2 else ()   # a 1-epoch run keeps lr
+    milestones = (epochs // 2,) if epochs >= 2 else ()   # a 1-epoch run keeps lr
     losses = []
     try:
         for p in model.parameters():
@@ -744,7 +770,7 @@ def finetune_module(model, name, split, epochs=10, lr=1e-3, weight_decay=5e-4, b
             optimizer = make_optimizer(model, lr, weight_decay)
             for epoch in range(epochs):
                 for group in optimizer.param_groups:
-                    group["lr"] = step_lr(lr, epoch, epochs, milestones)
+                    group["lr"] = step_lr(lr, epoch, milestones)
                 overall = None if progress is None else (lambda i, n, e=epoch: progress(e * n + i, epochs * n))
                 losses.append(run_epoch(model, optimizer, lambda m, o, x, y: natural_step(m, o, x, y, average),
                                         split, batch_size, generator, overall, rank, world_size))   # in eval mode
@@ -986,7 +1012,8 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
              autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None,
              rank=0, world_size=1):
     """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
-    worst case over every attack that covered the whole split.
+    worst case over every attack that covered the whole split; "top_class_share", the percentage
+    of the clean predictions that fall on the most predicted class (see `collapsed`).
 
     `attacks` are names from EVAL_ATTACKS; each runs over the whole split before the next, and
     `on_result(result)` is called with the result so far after each, so a caller can save it.
@@ -1028,12 +1055,17 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
                     check_adversarial(x_adv, x, eps)
                     x = x_adv
                 with torch.no_grad():
-                    out[i * batch_size:i * batch_size + len(y)] = model(x).argmax(1) == y
+                    pred = model(x).argmax(1)          # the clean pass keeps the predictions themselves
+                    out[i * batch_size:i * batch_size + len(y)] = pred if name == "clean" else pred == y
                 done += 1
                 if progress is not None:
                     progress(done, total)
 
-        return gather_shards(attack_mine, n, world_size, split.y.device).bool()
+        out = gather_shards(attack_mine, n, world_size, split.y.device)
+        if name == "clean":
+            result["top_class_share"] = percent(torch.bincount(out).max(), n) if n else float("nan")
+            return out == split.y
+        return out.bool()
 
     with eval_mode(model):
         for name in ("clean", *attacks, *(("autoattack",) if autoattack else ())):
@@ -1055,6 +1087,14 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
             if on_result is not None:
                 on_result(result)
     return result
+
+
+def collapsed(result, num_classes, max_share=50.0, margin=5.0):
+    """Whether an `evaluate` result shows a collapsed model: one class takes more than `max_share`
+    percent of the clean predictions, or clean accuracy is within `margin` points of chance
+    (100 / num_classes). A fine-tune that collapses has unlearned what it started from (for
+    example a KL term minimised by flat logits at too large a learning rate)."""
+    return result["top_class_share"] > max_share or result["clean"] <= 100.0 / num_classes + margin
 
 
 def nrr(nat, rob):

@@ -51,7 +51,9 @@ PRESETS = {
         model="resnet18", width=None,  # full width (64 channels in the first stage)
         epochs=200,                    # CURE Table 9; also Rice et al.'s AT schedule
         natural_epochs=200,            # natural pre-training for CURE (Alg. 1, line 2), same schedule
-        batch_size=128, lr=0.1,        # Table 9
+        batch_size=128,
+        lr=0.1, natural_lr=0.1,        # Table 9, at batch 128 (scaled linearly with the batch size)
+        milestones=None,               # `rf.lr_milestones(epochs)`: lr / 10 after epochs 100 and 150 of 200
         train_size=None,               # the whole training split ...
         val_size=1000,                 # ... minus 1,000 images for selection (never the test split)
         test_size=None,                # evaluate on the full test split
@@ -65,7 +67,9 @@ PRESETS = {
     "quick": dict(
         model="resnet18", width=16, epochs=5,
         natural_epochs=15,             # natural training is cheap: give CURE a reasonable start
-        batch_size=128, lr=0.1,
+        batch_size=128,
+        lr=0.1, natural_lr=0.1,        # SWEEP: the adversarial stages' lr at batch 128; natural keeps 0.1
+        milestones=None,               # None: `rf.lr_milestones(epochs)`
         train_size=5000, val_size=500, test_size=1000, epoch_eval_size=500,
         attack_steps=5,                # PGD-5 (step 2/255) training attack to fit the CPU budget
         attacks="pgd20,cw", rift_epochs=4, mrc_size=256,
@@ -104,21 +108,25 @@ def parse_args(argv):
     p.add_argument("--warmup-epochs", type=int, default=0,
                    help="CURE-Eff: clean warm-up epochs inside the --epochs budget (no --init needed)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="learning rate of the method asked for (default: the preset's, "
+                   "given for batch 128 and scaled linearly with --batch-size)")
+    p.add_argument("--milestones", help="epochs after which lr drops by 10, comma-separated, or 'none' "
+                   "(default: the preset's, else half and three quarters of --epochs: 100,150 of 200)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--eps", type=float, default=8.0, help="L-inf radius in pixel units /255 (default 8)")
     p.add_argument("--attack-steps", type=int, help="PGD steps of the training attack (step eps/4)")
     p.add_argument("--beta", type=float, help="TRADES beta (default 6) / CURE beta: the KL weight of Eq. 5 "
                    "(default 5, the official code's; 1 is Eq. 5 as printed)")
     p.add_argument("--cure-variant", default="paper", help="CURE: paper (Eq. 6 mask on every weight, eval-mode "
-                   "revision, r_t decaying) | official (the official code's rgp_soft mask on the conv1 tensors, "
-                   "train-mode revision, constant r)")
+                   "revision, r_t decaying, d scaled to the run) | official (the official code's rgp_soft mask on the "
+                   "conv1 tensors, train-mode revision, constant r, d as given)")
     p.add_argument("--percentile", type=float, help="CURE p (default: Table 9)")
     p.add_argument("--alpha", type=float, help="CURE alpha (default: Table 9)")
     p.add_argument("--gamma", type=float, help="CURE gamma (default: Table 9)")
     p.add_argument("--revision-rate", type=float, default=0.2, help="CURE r (Table 9)")
     p.add_argument("--revision-decay", type=float, default=0.999,
-                   help="CURE d for a 200-epoch run (Table 9); scaled down for shorter runs")
+                   help="CURE d (Table 9); the paper variant scales it down for runs shorter than 200 epochs "
+                        "(never below 0.5), the official variant uses it as given; both warm up as the official code")
     p.add_argument("--mask-classifier", action=argparse.BooleanOptionalAction, default=True,
                    help="CURE: apply the RGP mask to the classifier weight too")
     p.add_argument("--train-size", type=int, help="use only this many training images")
@@ -191,6 +199,31 @@ def default_beta(method):
     return rf.CureConfig.beta if method == "cure" else 6.0
 
 
+def learning_rates(args, lr_128, natural_lr_128):
+    """(lr of the method asked for, lr of CURE's natural pre-training): --lr where given, else the
+    preset's values for batch 128 scaled linearly with the batch, lr x batch / 128 (Goyal et al.,
+    2017), so a smaller batch takes proportionally smaller steps. `natural` itself trains at the
+    natural lr."""
+    scale = args.batch_size / 128
+    natural_lr = natural_lr_128 * scale
+    if args.lr is not None:
+        return args.lr, (args.lr if args.method == "natural" else natural_lr)
+    return (natural_lr if args.method == "natural" else lr_128 * scale), natural_lr
+
+
+def parse_milestones(text, epochs):
+    """--milestones "E1,E2,...": strictly increasing epochs inside the run ('none': a constant lr)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        drops = tuple(int(e) for e in text.split(","))
+    except ValueError:
+        raise UsageError(f"--milestones {text!r} must be whole epochs, comma-separated, or 'none'") from None
+    if any(not 0 < e < epochs for e in drops) or list(drops) != sorted(set(drops)):
+        raise UsageError(f"--milestones {text!r} must be strictly increasing epochs in [1, --epochs={epochs})")
+    return drops
+
+
 def resolve(args):
     """Check every value, fill the preset's defaults in place, and return the args."""
     if args.method not in METHODS:
@@ -221,9 +254,13 @@ def resolve(args):
         preset.update(SYNTHETIC_QUICK)
     if args.method == "natural" and args.epochs is None:
         args.epochs = args.natural_epochs or preset["natural_epochs"]   # one length for natural training
+    lr_128, natural_lr_128, milestones = preset.pop("lr"), preset.pop("natural_lr"), preset.pop("milestones")
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.lr, args.natural_lr = learning_rates(args, lr_128, natural_lr_128)
+    args.milestones = list(parse_milestones(args.milestones, args.epochs)) if args.milestones is not None \
+        else milestones
     if args.model not in rf.MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose one of {sorted(rf.MODELS)}")
     args.zoo = check_zoo(args)
@@ -710,9 +747,13 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         rf.freeze_all_but(model, args.trainable)
     average = rf.gradient_averager(model, args.world_size)   # None in one process
     epochs = args.epochs if method != "natural" or args.method == "natural" else args.natural_epochs
-    # --weight-decay applies to the method asked for; CURE's natural pre-training keeps its own.
-    weight_decay = args.weight_decay if method == args.method else WEIGHT_DECAY[method]
-    optimizer = rf.make_optimizer(model, args.lr, weight_decay)
+    # --weight-decay, --lr and --milestones apply to the method asked for; CURE's natural
+    # pre-training keeps its own.
+    own = method == args.method
+    weight_decay = args.weight_decay if own else WEIGHT_DECAY[method]
+    base_lr = args.lr if own else args.natural_lr
+    milestones = args.milestones if own and args.milestones is not None else rf.lr_milestones(epochs)
+    optimizer = rf.make_optimizer(model, base_lr, weight_decay)
     generator = torch.Generator().manual_seed(args.seed)            # data order and augmentation
     steps_per_epoch = max(1, len(train_split) // args.batch_size)
     cure = None
@@ -723,6 +764,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
         print(f"CURE ({cfg.variant} variant): p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
               f"r={cfg.rate} d={cure.schedule.decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
     record = dict(log=[], epoch_seconds=[], best=None)
+    from_trained = init_model is not None or args.init is not None   # judged from its first epoch on
     stats = TrainingStats(model, optimizer, cure)
     start_epoch = 0
     if args.resume and os.path.exists(ckpt_path):
@@ -745,7 +787,7 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
     shard = dict(rank=args.rank, world_size=args.world_size)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        lr = rf.step_lr(args.lr, epoch, epochs)
+        lr = rf.step_lr(base_lr, epoch, milestones)
         warm = method == "cure" and epoch < args.warmup_epochs               # CURE-Eff warm-up
         fn = with_amp(method_step(args, "natural", average=average) if warm else step_fn, args.amp, args.device)
         if cure is not None:
@@ -771,6 +813,9 @@ def train(args, method, data, train_split, val, test, out, init_model=None):
                                                                            epochs - args.warmup_epochs)
                 if last:                   # the phase ends with this epoch
                     entry["update_shares"] = stats.phase_end(PHASES[phase])
+        if from_trained and "collapsed" not in record and rf.collapsed(entry["val"], data.num_classes):
+            entry["collapsed"] = record["collapsed"] = collapse_warning(args, method, epoch + 1, entry["val"],
+                                                                        "validation", data.num_classes)
         record["log"].append(entry)
         record["epoch_seconds"].append(seconds)
         key = "clean" if method == "natural" else "pgd20"   # selection metric on the validation split
@@ -879,6 +924,19 @@ def restore_rng(args, ck):
               f"and CURE's revision continue exactly)", file=sys.stderr)
 
 
+def collapse_warning(args, method, epoch, result, images, num_classes):
+    """Say on stderr, in one line, that `method` collapsed at `epoch` (`rf.collapsed` of `result`,
+    measured on `images` images), with the flags that move it; returns the record for the logs."""
+    lr = args.lr if method != "rift" or args.lr_given else 1e-3      # RiFT fine-tunes at 1e-3 by default
+    levers = f"--lr (now {lr:g})" if method == args.method else "--lr"
+    if method in ("trades", "cure"):
+        levers += f" or --beta (now {args.beta:g})"
+    print(f"run.py: warning: {method} collapsed at epoch {epoch}: one class takes {result['top_class_share']:.1f}% "
+          f"of the predictions on {result['n']} {images} images, clean accuracy {result['clean']:.1f}% "
+          f"(chance {100 / num_classes:.1f}%); lower {levers}", file=sys.stderr)
+    return dict(epoch=epoch, top_class_share=result["top_class_share"], clean=result["clean"], on=images)
+
+
 def config_record(args, method):
     cfg = {k: v for k, v in vars(args).items()
            if isinstance(v, (int, float, str, bool, list, type(None))) and k not in ("rank", "local_rank")}
@@ -886,9 +944,10 @@ def config_record(args, method):
     return cfg
 
 
-def final_metrics(args, model, test, record, method, revision=None):
+def final_metrics(args, model, test, record, method, num_classes, revision=None):
     """Evaluate the last model (with AutoAttack when on), the best-on-validation one and CURE's
-    revision model on the test split, saving metrics.json as each attack finishes."""
+    revision model on the test split, saving metrics.json as each attack finishes. A collapse
+    (`rf.collapsed`), seen during training or now on the test split, is recorded as "collapsed"."""
     best = record.get("best")
     metrics = dict(method=method, dataset=args.dataset, model=args.model, width=args.width,
                    epochs=len(record["log"]), device=str(args.device), preset=args.preset, seed=args.seed,
@@ -898,6 +957,10 @@ def final_metrics(args, model, test, record, method, revision=None):
     if best is not None:
         metrics["best_epoch"] = best["epoch"]
     evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
+    if "collapsed" not in record and "clean" in metrics["test"] and rf.collapsed(metrics["test"], num_classes):
+        record["collapsed"] = collapse_warning(args, method, len(record["log"]), metrics["test"], "test", num_classes)
+    if "collapsed" in record:
+        metrics["collapsed"] = record["collapsed"]
     if best is not None and best["epoch"] != len(record["log"]):
         selected = copy.deepcopy(model)
         selected.load_state_dict(best["model"])
@@ -952,7 +1015,7 @@ def cmd_train(args):
             model = train(args, "natural", data, train_split, val, test, nat_dir)[0]
             args.resume = resume
     model, revision, record = train(args, args.method, data, train_split, val, test, args.out, model)
-    metrics = final_metrics(args, model, test, record, args.method, revision)
+    metrics = final_metrics(args, model, test, record, args.method, data.num_classes, revision)
     if args.corruptions:
         corruptions_into(args, metrics["test"], model, test, corruption_files(args))
     metrics["wall_seconds"] = time.time() - start   # this invocation (a resumed run: since resuming)
@@ -1035,6 +1098,9 @@ def cmd_rift(args):
         evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
         if args.corruptions:
             corruptions_into(args, result[key], m, test, files)
+    if "clean" in result["after"] and rf.collapsed(result["after"], data.num_classes):
+        result["collapsed"] = collapse_warning(args, "rift", args.rift_epochs, result["after"], "test",
+                                               data.num_classes)
     result.update(test=result["after"], wall_seconds=time.time() - start)
     if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
         result["state_dict"] = os.path.join(args.out, "model.pt")
@@ -1097,7 +1163,7 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, schedule, co
     kernels.numpy_rgp_mask_([params[i].grad for i in masked], [grads[0][i] for i in masked],
                             [grads[1][i] for i in masked], cfg.alpha, cfg.percentile)
     optimizer.step()
-    revision.maybe_update_(model, schedule.decay, schedule.rate(cfg), schedule.t, coin)
+    revision.maybe_update_(model, schedule.decay_now(), schedule.rate(cfg), coin)
     schedule.t += 1
     return (terms[0] + terms[2] + terms[3]).detach()
 
@@ -1467,6 +1533,8 @@ def sub_run(args, method, out, **changes):
     sub.method, sub.out, sub.resume = method, out, True
     sub.weight_decay = args.weight_decay_given if args.weight_decay_given is not None else WEIGHT_DECAY.get(method, 5e-4)
     sub.beta = args.beta_given if args.beta_given is not None else default_beta(method)
+    if method == "natural":        # the natural stage keeps its own lr and schedule
+        sub.lr, sub.milestones = args.natural_lr, None
     for k, v in changes.items():
         setattr(sub, k, v)
     return sub
@@ -1581,6 +1649,7 @@ def table_row(metrics):
     row["nrr_autoattack"] = test.get("nrr_autoattack")                      # against AA (Tables 7-8)
     row["corruption"] = test.get("corruption")                              # mean over corruptions
     row["minutes"] = metrics.get("wall_seconds", 0.0) / 60
+    row["collapsed"] = metrics.get("collapsed")
     return row
 
 
@@ -1607,7 +1676,11 @@ def results_table(results):
         cells = ["-" if row[k] is None else f"{row[k]:.2f}" for k, _ in cols]
         if row["n_autoattack"] is not None and row["autoattack"] is not None:
             cells[4] += f" (n={row['n_autoattack']})"
-        lines.append(f"| {row_label(name, is_ablation(results['rows']))} | " + " | ".join(cells) + " |")
+        label = row_label(name, is_ablation(results["rows"]))
+        if row["collapsed"]:
+            c = row["collapsed"]
+            label += f" **(collapsed at epoch {c['epoch']}: {c['top_class_share']:.0f}% one class)**"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if "paper_table7" in results:
         lines += ["", "The CURE paper's Table 7 (ResNet-18, CIFAR-10, full width, 200 epochs; NRR against "
                   "AutoAttack), for comparison:", "",

@@ -352,9 +352,22 @@ def test_trades_loss_equals_the_formula_by_hand():
     assert rf.trades_loss(z_nat, z_adv, y, beta=6.0).item() == pytest.approx(expect, rel=1e-12)
 
 
-def test_step_lr_follows_the_papers_milestones():
-    assert [rf.step_lr(0.1, e, 200) for e in (0, 99, 100, 149, 150, 199)] == \
-        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+def test_step_lr_follows_the_papers_milestones_and_never_drops_twice_at_once():
+    assert [rf.step_lr(0.1, e) for e in (0, 99, 100, 149, 150, 199)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])          # epochs 100 and 150 of 200
+    assert [rf.step_lr(0.1, e, (2,)) for e in range(3)] == pytest.approx([0.1, 0.1, 0.01])
+    # half and three quarters of the run, rounded half up; a drop on an earlier one's epoch is left out
+    assert rf.lr_milestones(200) == (100, 150)
+    assert rf.lr_milestones(15) == (8, 11)        # 7.5 -> 8, 11.25 -> 11
+    assert rf.lr_milestones(5) == (3, 4)          # 2.5 -> 3, 3.75 -> 4
+    assert rf.lr_milestones(3) == (2,)            # 1.5 -> 2, 2.25 -> 2: one drop, not lr / 100 at once
+    assert rf.lr_milestones(2) == (1,)            # 1.5 -> 2 is the run's end: no second drop
+    assert rf.lr_milestones(1) == ()
+    for epochs in range(1, 80):
+        drops = rf.lr_milestones(epochs)
+        assert list(drops) == sorted(set(drops)) and all(0 < e < epochs for e in drops), epochs
+        lrs = [rf.step_lr(1.0, e, drops) for e in range(epochs)]
+        assert all(b == a or b == pytest.approx(a / 10) for a, b in zip(lrs, lrs[1:])), (epochs, lrs)
 
 
 def test_nrr_is_the_harmonic_mean():
@@ -368,6 +381,30 @@ def test_evaluate_robust_is_the_per_example_worst_case():
     out = rf.evaluate(model, data.test, ["pgd10", "cw"], EPS, batch_size=16)
     assert out["n"] == 40
     assert out["robust"] <= min(out["pgd10"], out["cw"]) <= out["clean"] + 1e-9
+
+
+def test_evaluate_counts_the_top_class_share_and_collapsed_reads_it():
+    data = rf.synthetic_data(num_train=10, num_test=40, size=16)
+    constant = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    with torch.no_grad():
+        constant[1].weight.zero_()
+        constant[1].bias.copy_(torch.arange(10.0) == 3)                      # always class 3
+    out = rf.evaluate(constant, data.test, [], EPS, batch_size=16)
+    assert out["top_class_share"] == 100.0
+    assert out["clean"] == 100 * int((data.test.y == 3).sum()) / 40
+    spread = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))         # whatever a random layer says
+    x, _ = next(rf.batches(data.test, 40))
+    with torch.no_grad():
+        predictions = spread(x).argmax(1).tolist()
+    top = max(predictions.count(c) for c in range(10))
+    assert rf.evaluate(spread, data.test, [], EPS, batch_size=16)["top_class_share"] == 100 * top / 40
+    # more than half of the predictions on one class, or clean accuracy within 5 points of chance
+    assert rf.collapsed({"top_class_share": 50.5, "clean": 90.0}, 10)
+    assert not rf.collapsed({"top_class_share": 50.0, "clean": 90.0}, 10)
+    assert rf.collapsed({"top_class_share": 20.0, "clean": 15.0}, 10)
+    assert not rf.collapsed({"top_class_share": 20.0, "clean": 15.1}, 10)
+    assert rf.collapsed({"top_class_share": 5.0, "clean": 6.0}, 100)
+    assert not rf.collapsed({"top_class_share": 5.0, "clean": 6.5}, 100)
 
 
 def test_adversarial_training_beats_natural_training_under_pgd(natural_model, natural_pgd10):
@@ -393,6 +430,12 @@ def test_adversarial_training_beats_natural_training_under_pgd(natural_model, na
 
 SMALL = ["synthetic", "--preset", "quick", "--device", "cpu", "--epochs", "2", "--train-size", "256",
          "--test-size", "64", "--val-size", "64", "--attack-steps", "2", "--width", "4", "--no-autoattack"]
+
+
+def table_line(table, label):
+    """The row of a `results.md` table for `label`; a collapsed run's label carries a marker."""
+    pattern = rf"\| {re.escape(label)}( \*\*\(collapsed [^|]*\)\*\*)? \|"
+    return next(line for line in table.splitlines() if re.match(pattern, line))
 
 
 def run_cli(argv, capsys):
@@ -703,27 +746,60 @@ def test_revision_update_is_eq7_by_hand():
     model.bn1.running_mean.add_(1.0)
     model.bn1.num_batches_tracked.fill_(7)
     g = torch.Generator().manual_seed(0)
-    revision.maybe_update_(model, decay=0.99, rate=1.0, t=9, generator=g)        # rate 1: always
-    d = min(0.99, 1 - 1 / 10)                                                    # warm-up: 0.9
+    revision.maybe_update_(model, 0.9, rate=1.0, generator=g)                   # rate 1: always
     for k, v in revision.model.state_dict().items():
         cur = model.state_dict()[k]
         if v.is_floating_point():
-            assert torch.allclose(v, d * start[k] + (1 - d) * cur, rtol=1e-6, atol=1e-7), k
+            assert torch.allclose(v, 0.9 * start[k] + 0.1 * cur, rtol=1e-6, atol=1e-7), k
         else:
             assert torch.equal(v, cur)
     frozen = {k: v.clone() for k, v in revision.model.state_dict().items()}
-    revision.maybe_update_(model, decay=0.99, rate=0.0, t=10, generator=g)       # rate 0: never
+    revision.maybe_update_(model, 0.9, rate=0.0, generator=g)                   # rate 0: never
     assert all(torch.equal(v, frozen[k]) for k, v in revision.model.state_dict().items())
 
 
-def test_revision_schedule_and_decay_scaling():
+def test_revision_rate_and_the_paper_variants_decay_for_short_runs():
     assert rf.revision_rate(0.2, 0.0) == pytest.approx(0.2)
     assert rf.revision_rate(0.2, 1.0) == pytest.approx(0.02)
     assert rf.revision_decay(0.999, 0.2, rf.PAPER_STEPS) == pytest.approx(0.999)
     assert rf.revision_decay(0.999, 0.2, 10 * rf.PAPER_STEPS) == 0.999     # never above d
-    short = rf.revision_decay(0.999, 0.2, 5 * 79)                          # 5 epochs of 10k images
-    horizon = 1000 * (0.55 * 0.2 * 5 * 79) / (0.55 * 0.2 * rf.PAPER_STEPS)
-    assert short == pytest.approx(1 - 1 / horizon)
+    long = rf.revision_decay(0.999, 0.2, 50 * 391)                         # 50 epochs: a quarter of the horizon
+    assert long == pytest.approx(1 - 1 / (1000 * 50 / 200))
+    assert rf.revision_decay(0.999, 0.2, 5 * 39) == pytest.approx(1 - 1 / (1000 * 195 / rf.PAPER_STEPS))  # 0.599
+    # shorter than one horizon: the floor, so a revision always averages (synthetic quick: 75 steps)
+    assert rf.revision_decay(0.999, 0.2, 75) == rf.DECAY_FLOOR == 0.5
+    assert rf.revision_decay(0.999, 0.2, 0) == 0.5
+    for steps in (1, 75, 195, 1000, 5000):     # paper variant: d_t > 0 at every step, first update included
+        schedule = rf.CureSchedule.for_run(rf.CureConfig(), steps)
+        for t in range(0, steps, 7):
+            schedule.t = t
+            assert 0 < schedule.decay_now() <= schedule.decay, (steps, t)
+
+
+def test_official_variant_revision_follows_the_official_update_rule_by_hand():
+    """NeurAI-Lab/CURE utilities/train.py: global_step += 1 on every batch, then with probability r
+    theta_ema <- a theta_ema + (1 - a) theta, a = min(1 - 1/(global_step + 1), 0.999): the first
+    three batches use 1/2, 2/3, 3/4, whatever the run's length (no scaling)."""
+    for steps in (3, 75, 195, rf.PAPER_STEPS):
+        assert rf.CureSchedule.for_run(rf.CureConfig(variant="official"), steps).decay == 0.999
+    cfg = rf.CureConfig(variant="official", rate=1.0)                       # revise after every step
+    model = nn.Linear(3, 2)
+    revision = rf.cure_revision(model, cfg)
+    schedule = rf.CureSchedule.for_run(cfg, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)                       # the update itself: by hand
+    ema = [p.detach().clone() for p in model.parameters()]
+    coin = torch.Generator().manual_seed(0)
+    for global_step, theta in zip((1, 2, 3), (1.0, -2.0, 5.0)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(theta)
+        rf.cure_update_(model, opt, [torch.zeros_like(p) for p in model.parameters()], revision, cfg,
+                        schedule, coin)
+        a = min(1 - 1 / (global_step + 1), 0.999)                            # 1/2, 2/3, 3/4
+        ema = [a * e + (1 - a) * theta for e in ema]
+        for e, r in zip(ema, revision.model.parameters()):
+            assert torch.allclose(r, e, rtol=1e-6, atol=1e-7), global_step
+    assert schedule.t == 3 and revision.updates == 3
 
 
 # Every paper value a copyable function defaults to, against the paper (a user who copies one
@@ -738,7 +814,8 @@ PAPER_DEFAULTS = [
     ("trades_step", "beta", 6.0, "TRADES, 1/lambda = 6"), ("trades_loss", "beta", 6.0, "TRADES"),
     ("trades_step", "steps", 10, "TRADES"),
     ("make_optimizer", "momentum", 0.9, "CURE Table 9, RiFT Sec. 4"),
-    ("step_lr", "milestones", (0.5, 0.75), "epochs 100 and 150 of 200 (CURE official, Rice et al.)"),
+    ("step_lr", "milestones", (100, 150), "epochs 100 and 150 of 200 (CURE official, Rice et al.)"),
+    ("lr_milestones", "fractions", (0.5, 0.75), "half and three quarters of the run, as 100 and 150 of 200"),
     ("cure_step", "eps", 8 / 255, "CURE Sec. 5"), ("cure_step", "step_size", 2 / 255, "CURE Sec. 5"),
     ("cure_step", "steps", 10, "CURE Sec. 5"),
     ("evaluate", "eps", 8 / 255, "evaluation radius"), ("evaluate", "step_size", 2 / 255, "PGD-20 step"),
@@ -826,8 +903,7 @@ def test_compare_writes_table_json_and_plots_and_a_rerun_trains_nothing(tmp_path
     table = (out / "results.md").read_text()
     for name, metrics in results["rows"].items():
         test = metrics["test"]
-        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
+        cells = [c.strip() for c in table_line(table, name).strip("|").split("|")]
         clean, cw, nrr_cell = float(cells[1]), float(cells[4]), float(cells[6])
         assert clean == pytest.approx(test["clean"], abs=0.006)
         assert nrr_cell == pytest.approx(2 * clean * cw / (clean + cw) if clean + cw else 0.0, abs=0.02)
@@ -945,7 +1021,7 @@ def test_compare_ablation_trains_the_six_cure_rows_from_one_natural_checkpoint(t
     assert len(log("cure_official")[0]["updated_fraction"]) == 8                       # the conv1 tensors
     table = (out / "results.md").read_text()
     for label, _ in run.ABLATION.values():
-        assert f"| {label} |" in table
+        assert table_line(table, label)
     assert "Table 7" in table and "| 86.76 | 54.90 | 52.48 | 49.69 | 63.19 |" in table
     assert (out / "cure_ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -2509,7 +2585,7 @@ def test_blind_official_cure_step_equals_the_official_code_by_hand(monkeypatch):
     assert {k: int(v) for k, v in updated.items()} == expect_updated
     assert loss.item() == pytest.approx(total.item(), rel=1e-12)
     # ... and the revision (rate 1: always) averaged its parameters only; its buffers are its own
-    d = min(decay, 1 - 1 / (step + 1))
+    d = min(decay, 1 - 1 / (step + 2))        # global_step = step + 1, incremented before the update
     for name, v in revision.model.named_parameters():
         expect = d * dict(rev.named_parameters())[name] + (1 - d) * after[name].detach()
         assert torch.allclose(v, expect, rtol=1e-12, atol=1e-15), name
@@ -2559,6 +2635,70 @@ def test_progress_in_a_log_file_is_a_plain_line_every_5_percent(capsys):
     bar(1, 2), bar(2, 2)
     err = capsys.readouterr().err
     assert err.startswith("\rx [1/2]") and err.endswith("\n") and err.count("\n") == 1
+
+
+def test_cli_lr_is_the_presets_for_batch_128_scaled_with_the_batch_and_no_two_drops_share_an_epoch(capsys):
+    resolved = lambda *a: run.resolve(run.parse_args(list(a)))
+    paper = resolved("cure", "cifar10", "--no-autoattack")
+    assert (paper.lr, paper.natural_lr, paper.batch_size, paper.epochs, paper.milestones) == (0.1, 0.1, 128, 200, None)
+    assert resolved("cure", "cifar10", "--batch-size", "512", "--no-autoattack").lr == pytest.approx(0.4)
+    quick = run.PRESETS["quick"]
+    synthetic = resolved("cure", "synthetic", "--preset", "quick")             # batch 32: a quarter
+    assert synthetic.batch_size == 32
+    assert synthetic.lr == pytest.approx(run.SYNTHETIC_QUICK.get("lr", quick["lr"]) * 32 / 128)
+    assert synthetic.natural_lr == pytest.approx(quick["natural_lr"] * 32 / 128)
+    assert resolved("natural", "synthetic", "--preset", "quick").lr == pytest.approx(quick["natural_lr"] * 32 / 128)
+    given = resolved("cure", "synthetic", "--preset", "quick", "--lr", "0.3")  # --lr: as given, for the method
+    assert (given.lr, given.natural_lr) == (0.3, pytest.approx(quick["natural_lr"] * 32 / 128))
+    assert resolved("cure", "synthetic", "--milestones", "3,4", "--epochs", "5").milestones == [3, 4]
+    assert resolved("cure", "synthetic", "--milestones", "none").milestones == []
+    for bad in ("2,2", "4,3", "0", "200", "a"):
+        err = run_error(["cure", "synthetic", "--milestones", bad], capsys)
+        assert f"--milestones {bad!r}" in err
+
+
+@pytest.fixture(scope="module")
+def quick_natural(tmp_path_factory):
+    """`python run.py natural synthetic --preset quick` (3 epochs, width 8): (checkpoint path, metrics)."""
+    out = tmp_path_factory.mktemp("quick") / "natural"
+    metrics = run.main(["natural", "synthetic", "--preset", "quick", "--no-autoattack", "--attacks", "pgd20",
+                        "--out", str(out)])
+    return str(out / "checkpoint.pt"), metrics
+
+
+def test_quick_preset_cure_stage_keeps_clean_accuracy_and_gains_robustness(quick_natural, tmp_path, capsys):
+    """The first epoch of the synthetic quick preset's own CURE stage (its lr, batch 32, PGD-3, 25
+    steps), from the preset's natural model: no collapse, clean accuracy within 15 points of the
+    natural model's, PGD-20 at least twice its."""
+    ckpt, natural = quick_natural
+    metrics = run_cli(["cure", "synthetic", "--preset", "quick", "--no-autoattack", "--init", ckpt, "--epochs", "1",
+                       "--attacks", "pgd20", "--out", str(tmp_path / "cure")], capsys)
+    assert "collapsed" not in metrics
+    assert metrics["test"]["clean"] >= natural["test"]["clean"] - 15, (natural["test"], metrics["test"])
+    assert metrics["test"]["pgd20"] >= 2 * natural["test"]["pgd20"], (natural["test"], metrics["test"])
+
+
+def test_collapse_warning_names_the_share_and_the_levers_and_is_recorded(quick_natural, tmp_path, capsys):
+    ckpt, _ = quick_natural
+    out = tmp_path / "lr2"
+    metrics = run.main(["trades", "synthetic", "--preset", "quick", "--no-autoattack", "--init", ckpt, "--lr", "2",
+                        "--epochs", "1", "--train-size", "256", "--attacks", "pgd10", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert metrics["collapsed"]["epoch"] == 1 and metrics["collapsed"]["top_class_share"] > 50
+    assert json.loads(captured.out.strip().splitlines()[-1])["collapsed"] == metrics["collapsed"]
+    assert json.loads((out / "metrics.json").read_text())["collapsed"] == metrics["collapsed"]
+    assert epoch_lines(out / "log.jsonl")[0]["collapsed"] == metrics["collapsed"]
+    (line,) = [l for l in captured.err.splitlines() if "collapsed" in l]
+    assert f"{metrics['collapsed']['top_class_share']:.1f}%" in line and "--lr (now 2)" in line and "--beta (now 6)" in line
+
+
+def test_collapse_is_marked_in_the_compare_table():
+    row = dict(test=dict(n=100, clean=10.0, pgd20=10.0, cw=9.0), collapsed=dict(epoch=2, top_class_share=97.0))
+    healthy = dict(test=dict(n=100, clean=80.0, pgd20=30.0, cw=28.0))
+    table = run.results_table(dict(rows={"natural": healthy, "cure": row}, dataset="synthetic", model="resnet18",
+                                   width=8, epochs=3, natural_epochs=3, preset="quick", device="cpu"))
+    assert "| cure **(collapsed at epoch 2: 97% one class)** |" in table_line(table, "cure")
+    assert "collapsed" not in table_line(table, "natural")
 
 
 def test_cli_beta_defaults_cure_5_trades_6_and_given_values_kept():
