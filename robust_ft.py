@@ -898,11 +898,9 @@ def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 
     return RiftResult(module, mrc, table, alpha, interpolate(start, tuned.state_dict(), alpha))
 
 
-# OOD accuracy (RiFT Sec. 5.1): CIFAR-10-C style corruptions, generated in appendix D. The 9 of
-# CIFAR-10-C's 15 test corruptions made here (noise, blur, weather, digital); the other six (glass,
-# motion, zoom blur; snow, frost; elastic) need ImageMagick or image files. The extras are three of
-# CIFAR-10-C's four held-out validation corruptions.
-# CIFAR-10-C (Hendrycks & Dietterich 2019): fifteen corruptions (CURE Fig. 9) and four extras.
+# OOD accuracy (RiFT Sec. 5.1): CIFAR-10-C style corruptions (Hendrycks & Dietterich 2019), generated
+# in appendix D or read from the published files: the fifteen test corruptions (CURE Fig. 9) and
+# three of the four held-out validation corruptions ("extras"). All are generated but frost (below).
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
                "jpeg_compression")

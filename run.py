@@ -68,7 +68,7 @@ PRESETS = {
         model="resnet18", width=16, epochs=5,
         natural_epochs=15,             # natural training is cheap: give CURE a reasonable start
         batch_size=128,
-        lr=0.1, natural_lr=0.1,        # SWEEP: the adversarial stages' lr at batch 128; natural keeps 0.1
+        lr=0.05, natural_lr=0.1,       # at batch 128: adversarial stages 0.05 (the README's sweep), natural 0.1
         milestones=None,               # None: `rf.lr_milestones(epochs)`
         train_size=5000, val_size=500, test_size=1000, epoch_eval_size=500,
         attack_steps=5,                # PGD-5 (step 2/255) training attack to fit the CPU budget
@@ -722,7 +722,7 @@ def cure_config(args, model):
         variant=args.cure_variant)
 
 
-def train(args, method, data, train_split, val, test, out, init_model=None):
+def train(args, method, data, train_split, val, out, init_model=None):
     """Train `method` into run directory `out`, resuming from out/checkpoint.pt with --resume.
 
     Returns (model, revision or None, record) where record holds per-epoch logs and timings.
@@ -1012,9 +1012,9 @@ def cmd_train(args):
             print(f"no --init: natural pre-training for {args.natural_epochs} epochs into {nat_dir}",
                   file=sys.stderr)
             resume, args.resume = args.resume, True   # pre-training always continues where it stopped
-            model = train(args, "natural", data, train_split, val, test, nat_dir)[0]
+            model = train(args, "natural", data, train_split, val, nat_dir)[0]
             args.resume = resume
-    model, revision, record = train(args, args.method, data, train_split, val, test, args.out, model)
+    model, revision, record = train(args, args.method, data, train_split, val, args.out, model)
     metrics = final_metrics(args, model, test, record, args.method, data.num_classes, revision)
     if args.corruptions:
         corruptions_into(args, metrics["test"], model, test, corruption_files(args))

@@ -282,6 +282,15 @@ def test_pgd_stays_in_the_ball_restores_mode_and_leaves_no_gradients(loss, train
 
 
 @pytest.fixture(scope="module")
+def quick_natural(tmp_path_factory):
+    """`python run.py natural synthetic --preset quick` (3 epochs, width 8): (checkpoint path, metrics)."""
+    out = tmp_path_factory.mktemp("quick") / "natural"
+    metrics = run.main(["natural", "synthetic", "--preset", "quick", "--no-autoattack", "--attacks", "pgd20",
+                        "--out", str(out)])
+    return str(out / "checkpoint.pt"), metrics
+
+
+@pytest.fixture(scope="module")
 def natural_model():
     """A narrow ResNet-18 trained naturally for three epochs on synthetic images, and its data."""
     return train_on_synthetic(rf.natural_step), rf.synthetic_data(num_train=1000, num_test=200, seed=1)
@@ -408,7 +417,7 @@ def test_evaluate_counts_the_top_class_share_and_collapsed_reads_it():
 
 
 def test_adversarial_training_beats_natural_training_under_pgd(natural_model, natural_pgd10):
-    """One epoch of PGD-3 AT from the natural model (as CURE starts from it below). It gave clean
+    """One epoch of PGD-3 AT from the natural model, as the presets fine-tune it. It gave clean
     99.0% and PGD-10 31.0% against the natural model's 6.5% with torch 2.15, and PGD-10 36.5%
     against 12.5% with torch 2.6."""
     natural, data = natural_model
@@ -854,32 +863,6 @@ def test_table9_defaults():
     assert rf.cure_defaults("wrn34_10", "cifar10") == rf.CureConfig(percentile=50, alpha=0.3, gamma=0.5)
     assert rf.cure_defaults("resnet18", "svhn").alpha == 0.2
     assert rf.cure_defaults("preact_resnet18", "cifar10").percentile == 20
-
-
-def test_cure_beats_natural_training_under_pgd(natural_model, natural_pgd10):
-    """Two epochs of CURE (PGD-2 during training, lr 0.02) on 500 of the images, from the natural
-    model. Seeds 0, 1, 2 gave clean 96.0/83.5/80.5% and PGD-10 21.5/23.0/20.5% against the natural
-    model's 6.5% with torch 2.15; seeds 0, 1 gave 25.5/22.0% against 12.5% with torch 2.6."""
-    natural, data = natural_model
-    torch.manual_seed(0)      # the attacks' random starts: not whatever the tests before left behind
-    model = __import__("copy").deepcopy(natural).train()
-    train = data.train.subset(slice(0, 500))
-    revision = rf.Revision(model)
-    cfg = rf.CureConfig()
-    opt = rf.make_optimizer(model, 0.02, 5e-4)
-    g, gr = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    schedule = rf.CureSchedule.for_run(cfg, 2 * (len(train) // 32))
-
-    def step(m, o, x, y):
-        return rf.cure_step(m, o, x, y, revision, cfg, schedule, gr, EPS, 2 / 255, 2)
-
-    for _ in range(2):
-        rf.train_epoch(model, opt, step, train, 32, 0.02, g)
-    nat = natural_pgd10
-    cure = rf.evaluate(model, data.test, ["pgd10"], EPS)
-    assert revision.updates > 0
-    assert cure["clean"] > 40
-    assert cure["pgd10"] > nat["pgd10"] + 5, (nat, cure)
 
 
 # -----------------------------------------------------------------------------
@@ -2657,22 +2640,15 @@ def test_cli_lr_is_the_presets_for_batch_128_scaled_with_the_batch_and_no_two_dr
         assert f"--milestones {bad!r}" in err
 
 
-@pytest.fixture(scope="module")
-def quick_natural(tmp_path_factory):
-    """`python run.py natural synthetic --preset quick` (3 epochs, width 8): (checkpoint path, metrics)."""
-    out = tmp_path_factory.mktemp("quick") / "natural"
-    metrics = run.main(["natural", "synthetic", "--preset", "quick", "--no-autoattack", "--attacks", "pgd20",
-                        "--out", str(out)])
-    return str(out / "checkpoint.pt"), metrics
-
-
-def test_quick_preset_cure_stage_keeps_clean_accuracy_and_gains_robustness(quick_natural, tmp_path, capsys):
-    """The first epoch of the synthetic quick preset's own CURE stage (its lr, batch 32, PGD-3, 25
-    steps), from the preset's natural model: no collapse, clean accuracy within 15 points of the
-    natural model's, PGD-20 at least twice its."""
+def test_quick_preset_cure_stage_keeps_clean_accuracy_and_doubles_robustness(quick_natural, tmp_path, capsys):
+    """The first two epochs of the synthetic quick preset's own CURE stage (its lr, batch 32, PGD-3;
+    its schedule drops lr only after epoch 2, hence --milestones none), from the preset's natural
+    model: no collapse, clean accuracy within 15 points of the natural model's and PGD-20 at least
+    twice its (the bar the README's demo meets after all three epochs). The old default, lr 0.1 at
+    batch 32, collapsed in its first epoch (14% clean, 90% of the predictions on one class)."""
     ckpt, natural = quick_natural
-    metrics = run_cli(["cure", "synthetic", "--preset", "quick", "--no-autoattack", "--init", ckpt, "--epochs", "1",
-                       "--attacks", "pgd20", "--out", str(tmp_path / "cure")], capsys)
+    metrics = run_cli(["cure", "synthetic", "--preset", "quick", "--no-autoattack", "--init", ckpt, "--epochs", "2",
+                       "--milestones", "none", "--attacks", "pgd20", "--out", str(tmp_path / "cure")], capsys)
     assert "collapsed" not in metrics
     assert metrics["test"]["clean"] >= natural["test"]["clean"] - 15, (natural["test"], metrics["test"])
     assert metrics["test"]["pgd20"] >= 2 * natural["test"]["pgd20"], (natural["test"], metrics["test"])
