@@ -340,7 +340,7 @@ def revision_decay(decay, rate, total_steps, floor=DECAY_FLOOR):
     official code's): the horizon 1/(1 - d) kept at the paper run's share of the revisions, floored.
 
     The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
-    epochs, about the last tenth of the run. A short run keeps that share, so its revision model
+    epochs, about the last eighth of the run. A short run keeps that share, so its revision model
     still follows the training model instead of staying at the natural model it started from:
     H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, max(floor, 1 - 1/H)). The floor keeps
     every revision an average (d > 0) in runs too short for one horizon.

@@ -465,7 +465,7 @@ def test_cli_trains_end_to_end_and_writes_metrics(method, tmp_path, capsys):
     assert {"clean", "pgd20", "cw", "robust", "nrr"} <= set(on_disk["test"])
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in lines if "epoch" in e] == [1, 2]
-    assert [e["attack"] for e in lines if "attack" in e] == ["clean", "pgd20", "cw"]   # as each finished
+    assert [e["attack"] for e in lines if e.get("evaluation") == "test"] == ["clean", "pgd20", "cw"]   # as each finished
     assert (out / "checkpoint.pt").exists()
     test = on_disk["test"]
     assert test["sum"] == pytest.approx(test["clean"] + test["cw"])            # CURE Table 8's SUM
