@@ -893,7 +893,7 @@ def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 
     for alpha in RIFT_ALPHAS:                              # selection on the validation split, never test
         probe.load_state_dict(interpolate(start, tuned.state_dict(), alpha))
         v = evaluate(probe, val_split, ["pgd10"], eps, seed=seed, rank=rank, world_size=world_size)   # Sec. 5.1
-        table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"]))
+        table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"], top_class_share=v["top_class_share"]))
     alpha = select_alpha(table, tolerance)
     return RiftResult(module, mrc, table, alpha, interpolate(start, tuned.state_dict(), alpha))
 

@@ -924,17 +924,18 @@ def restore_rng(args, ck):
               f"and CURE's revision continue exactly)", file=sys.stderr)
 
 
-def collapse_warning(args, method, epoch, result, images, num_classes):
-    """Say on stderr, in one line, that `method` collapsed at `epoch` (`rf.collapsed` of `result`,
-    measured on `images` images), with the flags that move it; returns the record for the logs."""
+def collapse_warning(args, method, epoch, result, images, num_classes, which=""):
+    """Say on stderr, in one line, that `method` (`which` model of it, if given) collapsed at `epoch`
+    (`rf.collapsed` of `result`, measured on `images` images), with the flags that move it; returns
+    the record for the logs."""
     lr = args.lr if method != "rift" or args.lr_given else 1e-3      # RiFT fine-tunes at 1e-3 by default
     levers = f"--lr (now {lr:g})" if method == args.method else "--lr"
     if method in ("trades", "cure"):
         levers += f" or --beta (now {args.beta:g})"
-    print(f"run.py: warning: {method} collapsed at epoch {epoch}: one class takes {result['top_class_share']:.1f}% "
+    print(f"run.py: warning: {method}{which} collapsed at epoch {epoch}: one class takes {result['top_class_share']:.1f}% "
           f"of the predictions on {result['n']} {images} images, clean accuracy {result['clean']:.1f}% "
           f"(chance {100 / num_classes:.1f}%); lower {levers}", file=sys.stderr)
-    return dict(epoch=epoch, top_class_share=result["top_class_share"], clean=result["clean"], on=images)
+    return dict(epoch=epoch, top_class_share=result["top_class_share"], clean=result["clean"], on=images + which)
 
 
 def config_record(args, method):
@@ -1098,9 +1099,11 @@ def cmd_rift(args):
         evaluate_into(args, result, key, m, test, autoattack=args.autoattack)
         if args.corruptions:
             corruptions_into(args, result[key], m, test, files)
-    if "clean" in result["after"] and rf.collapsed(result["after"], data.num_classes):
-        result["collapsed"] = collapse_warning(args, "rift", args.rift_epochs, result["after"], "test",
-                                               data.num_classes)
+    tuned = [(r | dict(n=len(val)), "validation", " (the fine-tuned weights, alpha 1)")
+             for r in found.alphas if r["alpha"] == 1.0]
+    for r, images, which in [*tuned, (result["after"], "test", "")]:     # theta_FT, then what RiFT returns
+        if "clean" in r and "collapsed" not in result and rf.collapsed(r, data.num_classes):
+            result["collapsed"] = collapse_warning(args, "rift", args.rift_epochs, r, images, data.num_classes, which)
     result.update(test=result["after"], wall_seconds=time.time() - start)
     if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
         result["state_dict"] = os.path.join(args.out, "model.pt")

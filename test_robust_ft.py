@@ -2668,6 +2668,17 @@ def test_collapse_warning_names_the_share_and_the_levers_and_is_recorded(quick_n
     assert f"{metrics['collapsed']['top_class_share']:.1f}%" in line and "--lr (now 2)" in line and "--beta (now 6)" in line
 
 
+def test_rift_names_a_collapsed_fine_tuning_even_when_alpha_0_is_kept(quick_natural, tmp_path, capsys):
+    ckpt, _ = quick_natural
+    m = run.main(["rift", "synthetic", "--preset", "quick", "--no-autoattack", "--no-corruptions", "--init", ckpt,
+                  "--module", "conv1", "--rift-epochs", "1", "--lr", "10", "--train-size", "128", "--val-size", "32",
+                  "--test-size", "32", "--attacks", "pgd10", "--out", str(tmp_path / "rift")])
+    tuned = next(r for r in m["alphas"] if r["alpha"] == 1.0)
+    assert rf.collapsed(tuned, 10) and m["collapsed"]["top_class_share"] == tuned["top_class_share"]
+    assert m["collapsed"]["on"] == "validation (the fine-tuned weights, alpha 1)" and m["alpha"] < 1.0
+    assert "rift (the fine-tuned weights, alpha 1) collapsed at epoch 1" in capsys.readouterr().err
+
+
 def test_collapse_is_marked_in_the_compare_table():
     row = dict(test=dict(n=100, clean=10.0, pgd20=10.0, cw=9.0), collapsed=dict(epoch=2, top_class_share=97.0))
     healthy = dict(test=dict(n=100, clean=80.0, pgd20=30.0, cw=28.0))
