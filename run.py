@@ -53,7 +53,6 @@ PRESETS = {
         natural_epochs=200,            # natural pre-training for CURE (Alg. 1, line 2), same schedule
         batch_size=128,
         lr=0.1, natural_lr=0.1,        # Table 9, at batch 128 (scaled linearly with the batch size)
-        milestones=None,               # `rf.lr_milestones(epochs)`: lr / 10 after epochs 100 and 150 of 200
         train_size=None,               # the whole training split ...
         val_size=1000,                 # ... minus 1,000 images for selection (never the test split)
         test_size=None,                # evaluate on the full test split
@@ -69,7 +68,6 @@ PRESETS = {
         natural_epochs=15,             # natural training is cheap: give CURE a reasonable start
         batch_size=128,
         lr=0.05, natural_lr=0.1,       # at batch 128: adversarial stages 0.05 (the README's sweep), natural 0.1
-        milestones=None,               # None: `rf.lr_milestones(epochs)`
         train_size=5000, val_size=500, test_size=1000, epoch_eval_size=500,
         attack_steps=5,                # PGD-5 (step 2/255) training attack to fit the CPU budget
         attacks="pgd20,cw", rift_epochs=4, mrc_size=256,
@@ -111,7 +109,7 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, help="learning rate of the method asked for (default: the preset's, "
                    "given for batch 128 and scaled linearly with --batch-size)")
     p.add_argument("--milestones", help="epochs after which lr drops by 10, comma-separated, or 'none' "
-                   "(default: the preset's, else half and three quarters of --epochs: 100,150 of 200)")
+                   "(default: half and three quarters of the stage's epochs, rounded half up: 100,150 of 200)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--eps", type=float, default=8.0, help="L-inf radius in pixel units /255 (default 8)")
     p.add_argument("--attack-steps", type=int, help="PGD steps of the training attack (step eps/4)")
@@ -254,13 +252,13 @@ def resolve(args):
         preset.update(SYNTHETIC_QUICK)
     if args.method == "natural" and args.epochs is None:
         args.epochs = args.natural_epochs or preset["natural_epochs"]   # one length for natural training
-    lr_128, natural_lr_128, milestones = preset.pop("lr"), preset.pop("natural_lr"), preset.pop("milestones")
+    lr_128, natural_lr_128 = preset.pop("lr"), preset.pop("natural_lr")
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.lr, args.natural_lr = learning_rates(args, lr_128, natural_lr_128)
-    args.milestones = list(parse_milestones(args.milestones, args.epochs)) if args.milestones is not None \
-        else milestones
+    if args.milestones is not None:       # else `rf.lr_milestones` of each stage's epochs: 100, 150 of 200
+        args.milestones = list(parse_milestones(args.milestones, args.epochs))
     if args.model not in rf.MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose one of {sorted(rf.MODELS)}")
     args.zoo = check_zoo(args)
