@@ -1163,9 +1163,7 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, schedule, co
     masked = [i for i, p in enumerate(params) if p.ndim >= 2]
     kernels.numpy_rgp_mask_([params[i].grad for i in masked], [grads[0][i] for i in masked],
                             [grads[1][i] for i in masked], cfg.alpha, cfg.percentile)
-    optimizer.step()
-    revision.maybe_update_(model, schedule.decay_now(), schedule.rate(cfg), coin)
-    schedule.t += 1
+    rf.cure_update_(model, optimizer, [p.grad for p in params], revision, cfg, schedule, coin)   # SGD, Eq. 7
     return (terms[0] + terms[2] + terms[3]).detach()
 
 
