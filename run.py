@@ -811,9 +811,9 @@ def train(args, method, data, train_split, val, out, init_model=None):
                                                                            epochs - args.warmup_epochs)
                 if last:                   # the phase ends with this epoch
                     entry["update_shares"] = stats.phase_end(PHASES[phase])
-        if from_trained and "collapsed" not in record and rf.collapsed(entry["val"], data.num_classes):
-            entry["collapsed"] = record["collapsed"] = collapse_warning(args, method, epoch + 1, entry["val"],
-                                                                        "validation", data.num_classes)
+        if from_trained and note_collapse(args, record, method, epoch + 1, entry["val"], "validation",
+                                          data.num_classes):
+            entry["collapsed"] = record["collapsed"]
         record["log"].append(entry)
         record["epoch_seconds"].append(seconds)
         key = "clean" if method == "natural" else "pgd20"   # selection metric on the validation split
@@ -922,10 +922,13 @@ def restore_rng(args, ck):
               f"and CURE's revision continue exactly)", file=sys.stderr)
 
 
-def collapse_warning(args, method, epoch, result, images, num_classes, which=""):
-    """Say on stderr, in one line, that `method` (`which` model of it, if given) collapsed at `epoch`
-    (`rf.collapsed` of `result`, measured on `images` images), with the flags that move it; returns
-    the record for the logs."""
+def note_collapse(args, record, method, epoch, result, images, num_classes, which=""):
+    """The first collapse of a run: when `result` (measured on `images` images) shows one
+    (`rf.collapsed`) and `record` holds none yet, say on stderr, in one line, that `method` (`which`
+    model of it, if given) collapsed at `epoch`, with the flags that move it, and store
+    record["collapsed"]. Returns that entry, or None."""
+    if "collapsed" in record or "clean" not in result or not rf.collapsed(result, num_classes):
+        return None
     lr = args.lr if method != "rift" or args.lr_given else 1e-3      # RiFT fine-tunes at 1e-3 by default
     levers = f"--lr (now {lr:g})" if method == args.method else "--lr"
     if method in ("trades", "cure"):
@@ -933,7 +936,9 @@ def collapse_warning(args, method, epoch, result, images, num_classes, which="")
     print(f"run.py: warning: {method}{which} collapsed at epoch {epoch}: one class takes {result['top_class_share']:.1f}% "
           f"of the predictions on {result['n']} {images} images, clean accuracy {result['clean']:.1f}% "
           f"(chance {100 / num_classes:.1f}%); lower {levers}", file=sys.stderr)
-    return dict(epoch=epoch, top_class_share=result["top_class_share"], clean=result["clean"], on=images + which)
+    record["collapsed"] = dict(epoch=epoch, top_class_share=result["top_class_share"], clean=result["clean"],
+                               on=images + which)
+    return record["collapsed"]
 
 
 def config_record(args, method):
@@ -956,8 +961,7 @@ def final_metrics(args, model, test, record, method, num_classes, revision=None)
     if best is not None:
         metrics["best_epoch"] = best["epoch"]
     evaluate_into(args, metrics, "test", model, test, autoattack=args.autoattack)
-    if "collapsed" not in record and "clean" in metrics["test"] and rf.collapsed(metrics["test"], num_classes):
-        record["collapsed"] = collapse_warning(args, method, len(record["log"]), metrics["test"], "test", num_classes)
+    note_collapse(args, record, method, len(record["log"]), metrics["test"], "test", num_classes)
     if "collapsed" in record:
         metrics["collapsed"] = record["collapsed"]
     if best is not None and best["epoch"] != len(record["log"]):
@@ -1100,8 +1104,7 @@ def cmd_rift(args):
     tuned = [(r | dict(n=len(val)), "validation", " (the fine-tuned weights, alpha 1)")
              for r in found.alphas if r["alpha"] == 1.0]
     for r, images, which in [*tuned, (result["after"], "test", "")]:     # theta_FT, then what RiFT returns
-        if "clean" in r and "collapsed" not in result and rf.collapsed(r, data.num_classes):
-            result["collapsed"] = collapse_warning(args, "rift", args.rift_epochs, r, images, data.num_classes, which)
+        note_collapse(args, result, "rift", args.rift_epochs, r, images, data.num_classes, which)
     result.update(test=result["after"], wall_seconds=time.time() - start)
     if args.zoo:   # also a plain state dict (on the CPU), the form RobustBench's loaders and --init-weights read
         result["state_dict"] = os.path.join(args.out, "model.pt")
