@@ -10,16 +10,36 @@ with one thread block in 16 passes of 2-bit digits. Here every masked tensor of 
 
     memset(hist) -> 4 x _rgp_hist_kernel (one 8-bit digit each) -> _rgp_mask_kernel
 
-Six launches per call however many tensors there are, no sort, no host synchronisation. Each pass
-recomputes the score from g_nat and g_adv (no scratch buffer), histograms one 8-bit digit of its
-int32 order key per tensor (a segmented MSD radix select), and the last pass zeroes the gradient.
-The result is bit-identical to `robust_ft.rgp_mask_` (CURE Eq. 6 and Algorithm 1, line 20).
+Six launches per call however many tensors there are, no sort, no host synchronisation (so the
+call can be captured in a CUDA graph). Each pass recomputes the score from g_nat and g_adv (no
+scratch buffer), histograms one 8-bit digit of its int32 order key per tensor (a segmented MSD
+radix select; NaN canonicalised to the largest key), and the last pass zeroes the gradient. The
+score is computed as the plain path computes it (float32, each product and the sum rounded
+separately: `enable_fp_fusion=False`, no FMA), so the mask is bit-identical to
+`robust_ft.rgp_mask_`.
 
-Traffic model (estimates from the design, NOT measurements)
------------------------------------------------------------
-Per element with float32 gradients: each of the 5 data passes reads g_nat and g_adv (8 B); the mask
-pass writes a zero into the gradient where the mask holds (at most 4 B; we count it in full, since a
-scattered 30% store still touches nearly every 32-byte sector):
+Each program covers one chunk of up to CHUNK_SIZE = 16,384 elements of one tensor, in 8 blocks of
+BLOCK_SIZE = 2,048, and skips the blocks that lie wholly past the tensor's end: a tensor smaller
+than a block costs one block per pass, not eight (this saves masked-out lanes only; the bytes below
+are unchanged).
+
+Launches and traffic per step
+-----------------------------
+Masked tensors: every weight with ndim >= 2 (ResNet-18: 21 tensors, 11.2M entries; WRN-34-10: 35
+tensors, 46.1M).
+
+    path                          launches per step             bytes/elem (fp32)   host syncs
+    official (np.percentile)      ~6 per tensor + a copy of     44 + 4 to the host  2 per tensor
+                                  every score to the host       + the mask back
+    plain rgp_mask_ (device)      ~12 per tensor (score 5,      ~145 (kthvalue:     0
+                                  key 3, kthvalue, compare,     16 passes of
+                                  fill): ~250 for ResNet-18     2-bit digits)
+    fused_rgp_mask_               6 in all (memset, 4 histogram 44; floor 12        0
+                                  passes, 1 mask pass)
+
+Traffic model (estimates from the design, NOT measurements): each of the 5 data passes reads g_nat
+and g_adv (8 B); the mask pass writes a zero into the gradient where the mask holds (at most 4 B;
+counted in full, since a scattered 30% store still touches nearly every 32-byte sector):
 
     bytes/elem = 5 * 8 + 4 = 44        (the floor, read g_nat and g_adv once, write once: 12)
 
@@ -32,6 +52,35 @@ Ideal time at an H100's 3.35 TB/s of HBM bandwidth:
 
 Writing the key once in the first pass and reading 4 B in the later ones would bring this to about
 32 B/elem; recomputing keeps the kernels free of scratch memory and is within 1.4x of that.
+`python run.py bench mask` and `bench report` measure the real times, GB/s and fraction of peak on
+the device they are given.
+
+Compiled kernels (`compile_report()`, Triton 3.9.0, 8 warps; registers per thread and static shared
+memory from `cuobjdump -res-usage`, dynamic shared memory from Triton's metadata; the 1,024 static
+bytes on sm_90 are what ptxas reserves there):
+
+    kernel                      registers      shared static / dynamic       fp32 FMA
+                                sm_80 / sm_90  sm_80          | sm_90
+    _rgp_hist_kernel, PASS 0    40 / 48        0 / 1,024 B    | 1,024 / 1,024 B    none
+    _rgp_hist_kernel, PASS 1-3  54-55 / 58-59  0 / 1,024 B    | 1,024 / 1,024 B    none
+    _rgp_mask_kernel            74 / 73        0 / 32 B       | 1,024 / 32 B       none
+
+What is verified without a GPU (in the test suite)
+--------------------------------------------------
+- Bit-exactness against `robust_ft.rgp_mask_` under Triton's interpreter (which runs programs one
+  after another: no real concurrency, no hardware atomics) on awkward sizes (around the block and
+  the chunk), ties, constants, NaN and inf, alpha 0 and 1, fp16/bf16 and mixed dtypes and
+  non-contiguous views, with every Triton from 3.2 to 3.9; 3 and 40 tensors both take 6 launches.
+- Compilation of the five launched kernels for sm_80 and sm_90 with Triton's own ptxas, in a child
+  process without the interpreter; their PTX holds no `fma.rn.f32` (the same kernel compiled with
+  FP fusion on does, so the check can fail).
+- channels_last gradients (any dense layout whose three tensors share strides) go through as flat
+  buffers, without copies: 6 launches, bit-identical.
+- The runtime self-check: `CheckedFusedMask` (what `run.py` uses on CUDA) checks the first fused
+  call for each tensor layout against `rgp_mask_` on copies of its inputs; a mismatch prints one
+  line (tensor, entries that differ), keeps the plain result and switches the run to the plain
+  path. `metrics.json` records `mask_path` (tested with a deliberately broken kernel).
+What is only estimated until `python run.py bench gpu` runs on a card: every GPU time above.
 
 Dispatch: on CUDA tensors the Triton kernels run compiled; on CPU tensors they run under the Triton
 interpreter when `TRITON_INTERPRET=1` (Triton reads it when a kernel is decorated, so set it before
