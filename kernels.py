@@ -11,7 +11,7 @@ with one thread block in 16 passes of 2-bit digits. Here every masked tensor of 
     memset(hist) -> 4 x _rgp_hist_kernel (one 8-bit digit each) -> _rgp_mask_kernel
 
 Six launches per call however many tensors there are, no sort, no host synchronisation (so the
-call can be captured in a CUDA graph). Each pass recomputes the score from g_nat and g_adv (no
+call can be captured in a CUDA graph). Each pass recomputes the score from g_nat and g_score (no
 scratch buffer), histograms one 8-bit digit of its int32 order key per tensor (a segmented MSD
 radix select; NaN canonicalised to the largest key), and the last pass zeroes the gradient. The
 score is computed as the plain path computes it (float32, each product and the sum rounded
@@ -38,10 +38,10 @@ tensors, 46.1M).
                                   passes, 1 mask pass)
 
 Traffic model (estimates from the design, NOT measurements): each of the 5 data passes reads g_nat
-and g_adv (8 B); the mask pass writes a zero into the gradient where the mask holds (at most 4 B;
+and g_score (8 B); the mask pass writes a zero into the gradient where the mask holds (at most 4 B;
 counted in full, since a scattered 30% store still touches nearly every 32-byte sector):
 
-    bytes/elem = 5 * 8 + 4 = 44        (the floor, read g_nat and g_adv once, write once: 12)
+    bytes/elem = 5 * 8 + 4 = 44        (the floor, read g_nat and g_score once, write once: 12)
 
 The histograms (4 x segments x 256 int32) and the tables stay in L2 and are not counted.
 Ideal time at an H100's 3.35 TB/s of HBM bandwidth:
@@ -122,7 +122,7 @@ CHUNK_SIZE = 16384
 NUM_PASSES = 4
 NUM_BINS = 256
 
-# Segment table row, one per masked tensor (int64): n, k, data_ptr() of g, g_nat, g_adv, and their
+# Segment table row, one per masked tensor (int64): n, k, data_ptr() of g, g_nat, g_score, and their
 # dtype codes below, on which the kernels branch to load and store (columns 0..7).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -173,7 +173,7 @@ def _rgp_store_zero(addr, code, offs, mask):
 
 @_jit
 def _rgp_score_key(seg_ptr, seg, offs, mask, a, b):
-    """int32 order key of the RGP score (Eq. 6), s = a * |g_nat| + b * |g_adv| in float32.
+    """int32 order key of the RGP score (Eq. 6), s = a * |g_nat| + b * |g_score| in float32.
 
     The launch passes enable_fp_fusion=False, so the two products and the sum are rounded
     separately, as in `robust_ft.rgp_score`. Non-negative floats order like their int32 bits; the
@@ -185,8 +185,8 @@ def _rgp_score_key(seg_ptr, seg, offs, mask, a, b):
     b = tl.full([], b, tl.float32)
     row = seg_ptr + seg * 8
     g_nat = _rgp_load_f32(tl.load(row + 3), tl.load(row + 6), offs, mask)
-    g_adv = _rgp_load_f32(tl.load(row + 4), tl.load(row + 7), offs, mask)
-    s = a * tl.abs(g_nat) + b * tl.abs(g_adv)
+    g_score = _rgp_load_f32(tl.load(row + 4), tl.load(row + 7), offs, mask)
+    s = a * tl.abs(g_nat) + b * tl.abs(g_score)
     bits = s.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     return tl.where(s != s, 0x7FFFFFFF, bits)
 
@@ -196,7 +196,7 @@ def _rgp_descend(hist_ptr, seg, num_segs, k, DEPTH: tl.constexpr):
     """Follow ascending rank k down the first DEPTH digit histograms of segment `seg`.
 
     Returns (prefix, k_left): the top DEPTH digits of the rank-k key, and k_left, the rank that key
-    still has among the keys sharing that prefix. With DEPTH = 4 the prefix is the threshold t of `robust_ft.rgp_mask_`.
+    still has among the keys sharing that prefix. With DEPTH = 4 the prefix is the threshold tau of `robust_ft.rgp_mask_`.
     Every program recomputes this from the (L2-resident) histograms instead of a separate select
     kernel, which is what keeps the launch count constant.
     """
@@ -216,7 +216,7 @@ def _rgp_descend(hist_ptr, seg, num_segs, k, DEPTH: tl.constexpr):
 
 @_jit
 def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and first element
-                     seg_ptr,     # int64 (S, 8): n, k, addresses of g, g_nat, g_adv, dtype codes
+                     seg_ptr,     # int64 (S, 8): n, k, addresses of g, g_nat, g_score, dtype codes
                      hist_ptr,    # int32 (4, S, 256): digit histograms, zeroed before pass 0
                      num_segs,    # S, number of segments (tensors with 0 < k)
                      a, b,        # float32(alpha), float32(1 - alpha)
@@ -257,12 +257,12 @@ def _rgp_hist_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and fi
 
 @_jit
 def _rgp_mask_kernel(chunk_ptr,   # int64 (C, 2): per program its segment and first element
-                     seg_ptr,     # int64 (S, 8): n, k, addresses of g, g_nat, g_adv, dtype codes
+                     seg_ptr,     # int64 (S, 8): n, k, addresses of g, g_nat, g_score, dtype codes
                      hist_ptr,    # int32 (4, S, 256): the four filled digit histograms
                      num_segs,    # S, number of segments
                      a, b,        # float32(alpha), float32(1 - alpha)
                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """The rule of `robust_ft.rgp_mask_`: zero g where key < t (strict, ties kept); zero all of g when k = n."""
+    """The rule of `robust_ft.rgp_mask_`: zero g where key < tau (strict, ties kept); zero all of g when k = n."""
     pid = tl.program_id(0)
     seg = tl.load(chunk_ptr + 2 * pid)
     start = tl.load(chunk_ptr + 2 * pid + 1)
@@ -294,17 +294,17 @@ _TABLE_CACHE_SIZE = 8
 def _rgp_tables(segments, percentile, device):
     """Segment and chunk tables of one call, built from shapes and pointers only, cached.
 
-    segments: (g, g_nat, g_adv) contiguous triples, each with 0 < k. Returns
+    segments: (g, g_nat, g_score) contiguous triples, each with 0 < k. Returns
     (table, hist, num_segs, num_chunks): `table` is one int64 device tensor holding the segment
     table (S, 8) followed by the chunk table (C, 2); `hist` is the int32 (4, S, 256) buffer.
     A cache miss costs one host-to-device copy, from pinned memory on CUDA so the host does not wait.
     """
     rows = []
-    for g, g_nat, g_adv in segments:
+    for g, g_nat, g_score in segments:
         n = g.numel()
         rows.append((n, robust_ft.rgp_k(n, percentile), g.data_ptr(), g_nat.data_ptr(),
-                     g_adv.data_ptr(), _DTYPE_CODES[g.dtype], _DTYPE_CODES[g_nat.dtype],
-                     _DTYPE_CODES[g_adv.dtype]))
+                     g_score.data_ptr(), _DTYPE_CODES[g.dtype], _DTYPE_CODES[g_nat.dtype],
+                     _DTYPE_CODES[g_score.dtype]))
     key = (str(device), CHUNK_SIZE, tuple(rows))
     if key in _TABLE_CACHE:
         return _TABLE_CACHE[key]
@@ -323,7 +323,7 @@ def _rgp_tables(segments, percentile, device):
 
 
 @torch.no_grad()
-def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
+def _launch_rgp_mask(grads, grads_nat, grads_score, alpha, percentile):
     """Run the six launches on tensors already checked by `robust_ft.check_rgp_args`.
 
     Tensors with k = 0 (this includes empty ones) are left out. A triple whose tensors share
@@ -336,14 +336,14 @@ def _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile):
     global LAUNCHES
     a, b = robust_ft.rgp_coefficients(alpha)
     segments, copy_back = [], []
-    for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
+    for g, g_nat, g_score in zip(grads, grads_nat, grads_score):
         if robust_ft.rgp_k(g.numel(), percentile) == 0:
             continue
-        if g.stride() == g_nat.stride() == g_adv.stride() and dense_layout(g):
-            segments.append((g, g_nat, g_adv))          # the usual case: no copy
+        if g.stride() == g_nat.stride() == g_score.stride() and dense_layout(g):
+            segments.append((g, g_nat, g_score))          # the usual case: no copy
             continue
-        triple = [t.contiguous() for t in (g, g_nat, g_adv)]
-        LAUNCHES += sum(not t.is_contiguous() for t in (g, g_nat, g_adv))
+        triple = [t.contiguous() for t in (g, g_nat, g_score)]
+        LAUNCHES += sum(not t.is_contiguous() for t in (g, g_nat, g_score))
         if not g.is_contiguous():
             copy_back.append((g, triple[0]))
         segments.append(tuple(triple))
@@ -400,7 +400,7 @@ def _fused_path_applies(tensors):
                for t in tensors)
 
 
-def fused_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
+def fused_rgp_mask_(grads, grads_nat, grads_score, alpha, percentile):
     """RGP update mask (Eq. 6, Alg. 1 line 20), in place, for all tensors of a model at once.
 
     Same arguments, errors and results (bit for bit) as `robust_ft.rgp_mask_`: per tensor
@@ -409,11 +409,11 @@ def fused_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
     Runs the Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), else the plain path.
     Returns None.
     """
-    robust_ft.check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
-    if _fused_path_applies([*grads, *grads_nat, *grads_adv]):
-        _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
+    robust_ft.check_rgp_args(grads, grads_nat, grads_score, alpha, percentile)
+    if _fused_path_applies([*grads, *grads_nat, *grads_score]):
+        _launch_rgp_mask(grads, grads_nat, grads_score, alpha, percentile)
     else:
-        robust_ft.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+        robust_ft.rgp_mask_(grads, grads_nat, grads_score, alpha, percentile)
 
 
 def entries_differing(a, b):
@@ -436,21 +436,21 @@ class CheckedFusedMask:
         self.path, self.mismatch, self.checked = None, None, set()
         self.log = log if log is not None else (lambda line: print(line, file=sys.stderr))
 
-    def __call__(self, grads, grads_nat, grads_adv, alpha, percentile):
-        robust_ft.check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
-        if self.mismatch is not None or not _fused_path_applies([*grads, *grads_nat, *grads_adv]):
-            robust_ft.rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile)
+    def __call__(self, grads, grads_nat, grads_score, alpha, percentile):
+        robust_ft.check_rgp_args(grads, grads_nat, grads_score, alpha, percentile)
+        if self.mismatch is not None or not _fused_path_applies([*grads, *grads_nat, *grads_score]):
+            robust_ft.rgp_mask_(grads, grads_nat, grads_score, alpha, percentile)
             self.path = self.path if self.mismatch is not None else "plain"
             return
         layout = (alpha, percentile, *((g.device, g.shape, g.stride(), g.dtype, gn.dtype, ga.dtype)
-                                       for g, gn, ga in zip(grads, grads_nat, grads_adv)))
+                                       for g, gn, ga in zip(grads, grads_nat, grads_score)))
         if layout in self.checked:
-            _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
+            _launch_rgp_mask(grads, grads_nat, grads_score, alpha, percentile)
             self.path = "fused"
             return
-        reference = [[t.clone() for t in ts] for ts in (grads, grads_nat, grads_adv)]
+        reference = [[t.clone() for t in ts] for ts in (grads, grads_nat, grads_score)]
         robust_ft.rgp_mask_(*reference, alpha, percentile)
-        _launch_rgp_mask(grads, grads_nat, grads_adv, alpha, percentile)
+        _launch_rgp_mask(grads, grads_nat, grads_score, alpha, percentile)
         for i, (g, ref) in enumerate(zip(grads, reference[0])):
             differ = entries_differing(g, ref)
             if differ:
@@ -532,21 +532,21 @@ def compile_report(capabilities=(80, 90)):
 # Benchmark
 # =============================================================================
 
-def fused_traffic_bytes(grads, grads_nat, grads_adv):
-    """Bytes the fused path moves by the traffic model: 5 reads of g_nat and g_adv, 1 write of g."""
+def fused_traffic_bytes(grads, grads_nat, grads_score):
+    """Bytes the fused path moves by the traffic model: 5 reads of g_nat and g_score, 1 write of g."""
     return sum(5 * (gn.numel() * gn.element_size() + ga.numel() * ga.element_size())
-               + g.numel() * g.element_size() for g, gn, ga in zip(grads, grads_nat, grads_adv))
+               + g.numel() * g.element_size() for g, gn, ga in zip(grads, grads_nat, grads_score))
 
 
 @torch.no_grad()
-def numpy_rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
+def numpy_rgp_mask_(grads, grads_nat, grads_score, alpha, percentile):
     """The official CURE structure: per tensor the score to the host, `np.percentile`, mask back.
 
     For comparison only: np.percentile interpolates between ranks, so this mask can differ from
     the exact rank-k rule of `robust_ft.rgp_mask_` in a few entries per tensor.
     """
-    for g, g_nat, g_adv in zip(grads, grads_nat, grads_adv):
-        score = robust_ft.rgp_score(g_nat, g_adv, alpha).cpu().numpy()   # host sync per tensor
+    for g, g_nat, g_score in zip(grads, grads_nat, grads_score):
+        score = robust_ft.rgp_score(g_nat, g_score, alpha).cpu().numpy()   # host sync per tensor
         below = torch.from_numpy(score < np.percentile(score, percentile)).to(g.device)
         g.masked_fill_(below, 0)
 
@@ -565,7 +565,7 @@ def median_ms(fn, warmup, reps, sync):
     return statistics.median(times)
 
 
-def bench_mask_row(grads, grads_nat, grads_adv, alpha=0.1, percentile=30.0, warmup=1, reps=3,
+def bench_mask_row(grads, grads_nat, grads_score, alpha=0.1, percentile=30.0, warmup=1, reps=3,
                    peak_bytes_per_s=3.35e12):
     """Time the plain, official-style (NumPy) and fused masks on one model's gradient lists.
 
@@ -576,12 +576,12 @@ def bench_mask_row(grads, grads_nat, grads_adv, alpha=0.1, percentile=30.0, warm
     """
     on_cuda = grads[0].device.type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    args = (grads, grads_nat, grads_adv, alpha, percentile)
+    args = (grads, grads_nat, grads_score, alpha, percentile)
     plain, fused = [g.clone() for g in grads], [g.clone() for g in grads]
-    robust_ft.rgp_mask_(plain, grads_nat, grads_adv, alpha, percentile)
-    fused_ran = _fused_path_applies([*fused, *grads_nat, *grads_adv])
-    fused_rgp_mask_(fused, grads_nat, grads_adv, alpha, percentile)
-    traffic = fused_traffic_bytes(grads, grads_nat, grads_adv)
+    robust_ft.rgp_mask_(plain, grads_nat, grads_score, alpha, percentile)
+    fused_ran = _fused_path_applies([*fused, *grads_nat, *grads_score])
+    fused_rgp_mask_(fused, grads_nat, grads_score, alpha, percentile)
+    traffic = fused_traffic_bytes(grads, grads_nat, grads_score)
     row = {"n_tensors": len(grads), "n_elements": sum(g.numel() for g in grads), "fused_ran": fused_ran,
            "bit_exact": all(entries_differing(a, b) == 0 for a, b in zip(plain, fused)),
            "traffic_bytes": traffic, "ideal_ms": traffic / peak_bytes_per_s * 1e3,
@@ -610,9 +610,9 @@ def bench_mask(shapes_by_model, percentile=30.0, alpha=0.1, warmup=1, reps=3, de
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "peak_bytes_per_s": peak_bytes_per_s, "models": {}}
     for name, shapes in shapes_by_model.items():
-        grads, grads_nat, grads_adv = ([torch.randn(s, generator=gen, device=device) for s in shapes]
+        grads, grads_nat, grads_score = ([torch.randn(s, generator=gen, device=device) for s in shapes]
                                        for _ in range(3))
-        result["models"][name] = bench_mask_row(grads, grads_nat, grads_adv, alpha, percentile, warmup, reps,
+        result["models"][name] = bench_mask_row(grads, grads_nat, grads_score, alpha, percentile, warmup, reps,
                                                 peak_bytes_per_s)
-        del grads, grads_nat, grads_adv
+        del grads, grads_nat, grads_score
     return result

@@ -123,10 +123,15 @@ def pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, loss="ce", random
 # 2. Adversarial training: natural, Madry AT, TRADES; SGD with the papers' step schedule
 # =============================================================================
 
+def kl_batchmean(logits_p, logits_q):
+    """KL(p || q) = (1/B) sum_i sum_c p_ic (log p_ic - log q_ic), p = softmax(logits_p), q = softmax(logits_q):
+    TRADES' and CURE's robust term (Eq. 5) and CURE's consistency loss (Eq. 8)."""
+    return F.kl_div(F.log_softmax(logits_q, dim=1), F.softmax(logits_p, dim=1), reduction="batchmean")
+
+
 def trades_loss(logits_nat, logits_adv, y, beta=6.0):
     """TRADES: CE(f(x), y) + beta * (1/B) * sum_i KL(p(x_i) || p(x_adv_i))  (Zhang et al. 2019)."""
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits_nat, y) + beta * kl
+    return F.cross_entropy(logits_nat, y) + beta * kl_batchmean(logits_nat, logits_adv)
 
 
 def sgd_update(model, optimizer, loss, average=None):
@@ -213,73 +218,10 @@ def run_epoch(model, optimizer, train_step, split, batch_size, generator, progre
 
 
 # =============================================================================
-# 3. CURE: the RGP update mask (Eq. 6, Alg. 1 line 20), the revision model (Eq. 7), L_CR (Eq. 8)
+# 3. CURE (Algorithm 1): L_adv (Eq. 5) plus L_CR (Eq. 8), the RGP update mask (Eq. 6), the revision
+#    model (Eq. 7). `cure_step` first, then its parts in the order it calls them, the mask's helpers,
+#    the revision model and its schedule; the official code's variant in one block at the end.
 # =============================================================================
-
-def check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile):
-    """Validate the arguments of `rgp_mask_` (shared with `kernels.fused_rgp_mask_`)."""
-    if not (len(grads) == len(grads_nat) == len(grads_adv)):
-        raise ValueError(f"grads, grads_nat and grads_adv must have the same length, "
-                         f"got {len(grads)}, {len(grads_nat)}, {len(grads_adv)}")
-    for i, (g, gn, ga) in enumerate(zip(grads, grads_nat, grads_adv)):
-        if not (g.shape == gn.shape == ga.shape):
-            raise ValueError(f"tensor {i}: shapes differ: grads {tuple(g.shape)}, "
-                             f"grads_nat {tuple(gn.shape)}, grads_adv {tuple(ga.shape)}")
-    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
-        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
-    if not (0.0 <= percentile <= 100.0):
-        raise ValueError(f"percentile={percentile!r} is outside the allowed range [0, 100]")
-
-
-def rgp_k(n, percentile):
-    """k = floor(p * n / 100): how many entries of an n-element tensor the rule masks (`rgp_mask_`)."""
-    return math.floor(percentile * n / 100)
-
-
-def rgp_coefficients(alpha):
-    """(a, b) = (float32(alpha), float32(1 - alpha)), the subtraction done in double, as Python does."""
-    a = float(torch.tensor(alpha, dtype=torch.float32))
-    b = float(torch.tensor(1.0 - alpha, dtype=torch.float32))
-    return a, b
-
-
-def rgp_score(g_nat, g_adv, alpha):
-    """Eq. 6 per element: s = a * |g_nat| + b * |g_adv| in float32, each op rounded (no FMA)."""
-    a, b = rgp_coefficients(alpha)
-    return g_nat.float().abs().mul_(a).add_(g_adv.float().abs().mul_(b))
-
-
-def score_key(score):
-    """int32 order key of a non-negative float32 score; NaN maps above +inf (so it is never masked)."""
-    key = score.view(torch.int32)
-    return torch.where(torch.isnan(score), torch.full_like(key, 0x7FFFFFFF), key)
-
-
-@torch.no_grad()
-def rgp_mask_(grads, grads_nat, grads_adv, alpha, percentile):
-    """RGP update mask (Eq. 6, Alg. 1 line 20): zero grads[i] where score < its rank-k score.
-
-    Per tensor with n elements: k = floor(p * n / 100); k = 0 masks nothing, k = n masks all;
-    otherwise t = the (k+1)-th smallest score (NaN largest) and every entry with score < t is
-    zeroed (strict: ties at t are kept). In place, no host synchronisation per tensor.
-    """
-    check_rgp_args(grads, grads_nat, grads_adv, alpha, percentile)
-    for g, gn, ga in zip(grads, grads_nat, grads_adv):
-        n = g.numel()
-        k = rgp_k(n, percentile)
-        if k == 0:
-            continue
-        if k == n:
-            g.zero_()
-            continue
-        key = score_key(rgp_score(gn, ga, alpha)).flatten()
-        threshold = key.kthvalue(k + 1).values        # 0-d device tensor: no .item(), no sync
-        g.masked_fill_((key < threshold).view(g.shape), 0)
-
-
-def consistency_loss(logits, logits_rev):
-    """KL(p_rev || p), batch mean; Eq. 8 is its sum over the natural and the adversarial batch."""
-    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(logits_rev, dim=1), reduction="batchmean")
 
 
 CURE_VARIANTS = ("paper", "official")
@@ -326,30 +268,167 @@ def cure_defaults(model_name, dataset):
     return CureConfig(percentile=p, alpha=a, gamma=g)
 
 
-PAPER_STEPS = 200 * 391   # 200 epochs x 391 batches of 128 CIFAR images: the paper's CURE run
-DECAY_FLOOR = 0.5         # the smallest d a paper-variant revision uses: the official first update's
+def cure_step(model, optimizer, x, y, revision, cfg, schedule, coin,
+              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None, average=None):
+    """One CURE step (Algorithm 1): attack, gradients, RGP mask, update and revision.
 
-
-def expected_revisions(rate, total_steps):
-    """Expected number of revision updates when r_t falls linearly from r to r/10: 0.55 * r * S."""
-    return 0.55 * rate * total_steps
-
-
-def revision_decay(decay, rate, total_steps, floor=DECAY_FLOOR):
-    """The paper variant's d for a run of S steps (this project's rule, not the paper's or the
-    official code's): the horizon 1/(1 - d) kept at the paper run's share of the revisions, floored.
-
-    The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
-    epochs, about the last eighth of the run. A short run keeps that share, so its revision model
-    still follows the training model instead of staying at the natural model it started from:
-    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, max(floor, 1 - 1/H)). The floor keeps
-    every revision an average (d > 0) in runs too short for one horizon.
+    x_adv from the KL inner maximisation (Eq. 4, `steps` of `step_size` in the L-inf ball of radius
+    `eps`); the revision model's targets; g, g_nat and g_score, the score's second gradient
+    (`cure_gradients`, or `official_cure_gradients`); the mask (`cure_mask_`, with `mask_fn`,
+    `updated` and `average` as there); SGD and Eq. 7 (`cure_update_`, which advances `schedule`;
+    `coin` draws the revision). Returns the detached loss L (no host sync). Here alpha is CURE's
+    (cfg.alpha, Eq. 6's weight of the natural gradient), not RiFT's interpolation weight.
     """
-    share = (1.0 / (1.0 - decay)) / expected_revisions(rate, PAPER_STEPS)
-    horizon = share * expected_revisions(rate, total_steps)
-    scaled = 1.0 - 1.0 / horizon if horizon > 1.0 else 0.0
-    return min(decay, max(floor, scaled))
+    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                           # Eq. 4
+    rev_nat, rev_adv = revision.targets(x, x_adv)
+    gradients = official_cure_gradients if cfg.variant == "official" else cure_gradients
+    g, g_nat, g_score, loss = gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)       # Eqs. 5, 8
+    cure_mask_(model, g, g_nat, g_score, cfg, mask_fn, updated, average)                 # Eq. 6, Alg. 1 l. 20
+    cure_update_(model, optimizer, g, revision, cfg, schedule, coin)                     # Eq. 7
+    return loss
 
+
+def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
+    """The three gradients of one CURE step from one forward graph, with three backward passes.
+
+    Returns (g, g_nat, g_score, L) per trainable parameter: g = dL/dtheta with
+    L = CE(f(x), y) + beta KL(p(x) || p(x_adv)) + gamma L_CR (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta
+    and g_score = dCE(f(x_adv), y)/dtheta, the adversarial gradient of Eq. 6. L is CE(f(x), y) plus
+    the rest, so g = g_nat + d(rest)/dtheta: no fourth pass for L itself.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_nat, logits_adv = model(x), model(x_adv)
+    ce_nat = F.cross_entropy(logits_nat, y)
+    rest = (cfg.beta * kl_batchmean(logits_nat, logits_adv)
+            + cfg.gamma * (consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)))  # Eq. 8
+    g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
+    g_score = torch.autograd.grad(F.cross_entropy(logits_adv, y), params, retain_graph=True)
+    g_rest = torch.autograd.grad(rest, params)
+    return torch._foreach_add(g_nat, g_rest), g_nat, g_score, (ce_nat + rest).detach()
+
+
+def consistency_loss(logits, logits_rev):
+    """KL(p_rev || p), batch mean; Eq. 8 is its sum over the natural and the adversarial batch."""
+    return kl_batchmean(logits_rev, logits)
+
+
+def cure_mask_(model, g, g_nat, g_score, cfg, mask_fn=None, updated=None, average=None):
+    """The RGP mask (Eq. 6, Alg. 1 line 20) on g, in place, on the tensors `cure_masked` names:
+    `mask_fn` (default `rgp_mask_`, or the fused kernels) for the paper variant, `official_mask_`
+    for the official one.
+
+    Data parallel: `average` first replaces g, and g_nat and g_score of the masked tensors, by
+    their means over the ranks (3x the plain volume), so every rank computes the same mask. If
+    `updated` (a dict) is given, each masked tensor's count of updated entries is added to it
+    on the device (Figure 6b).
+    """
+    sel = cure_masked(model, cfg)
+    if average is not None:
+        average([*g, *(g_nat[i] for _, i in sel), *(g_score[i] for _, i in sel)])
+    mask = official_mask_ if cfg.variant == "official" else (mask_fn or rgp_mask_)
+    mask([g[i] for _, i in sel], [g_nat[i] for _, i in sel], [g_score[i] for _, i in sel],
+         cfg.alpha, cfg.percentile)
+    if updated is not None:
+        with torch.no_grad():
+            for name, i in sel:
+                updated[name] = updated.get(name, 0) + (g[i] != 0).sum()
+
+
+def cure_masked(model, cfg):
+    """(name, index into the trainable parameters) of the tensors cfg's mask applies to: every
+    weight with ndim >= 2 outside cfg.exclude (paper, `masked_parameters`), or
+    `official_masked_names` (official)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.variant == "official":
+        names = official_masked_names(trainable)
+    else:
+        names = [n for n, _ in masked_parameters(model, cfg.exclude)]
+    index = {n: i for i, n in enumerate(trainable)}
+    return [(n, index[n]) for n in names if n in index]
+
+
+def masked_parameters(model, exclude=()):
+    """The (name, parameter) pairs the RGP mask applies to: every weight with ndim >= 2 (the conv and
+    linear weights; biases and normalisation parameters never)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.ndim >= 2 and not any(n == e or n.startswith(e + ".") for e in exclude)]
+
+
+def cure_update_(model, optimizer, g, revision, cfg, schedule, coin):
+    """One optimiser step on the masked g, then the revision (Eq. 7) with probability r_t at
+    step t; advances `schedule` by one step. `coin`, a torch.Generator, draws the revision (on
+    data parallel ranks it must be seeded alike, so every rank revises together)."""
+    for p, gi in zip([p for p in model.parameters() if p.requires_grad], g):
+        p.grad = gi
+    optimizer.step()
+    revision.maybe_update_(model, schedule.decay_now(), schedule.rate(cfg), coin)
+    schedule.t += 1
+
+
+# --- The RGP mask (Eq. 6): the exact rank-k rule and its helpers ---
+
+@torch.no_grad()
+def rgp_mask_(grads, grads_nat, grads_score, alpha, percentile):
+    """RGP update mask (Eq. 6, Alg. 1 line 20): zero grads[i] where score < its rank-k score.
+
+    Per tensor with n elements: k = floor(p * n / 100); k = 0 masks nothing, k = n masks all;
+    otherwise tau = the (k+1)-th smallest score (NaN largest) and every entry with score < tau is
+    zeroed (strict: ties at tau are kept). In place, no host synchronisation per tensor.
+    """
+    check_rgp_args(grads, grads_nat, grads_score, alpha, percentile)
+    for g, gn, ga in zip(grads, grads_nat, grads_score):
+        n = g.numel()
+        k = rgp_k(n, percentile)
+        if k == 0:
+            continue
+        if k == n:
+            g.zero_()
+            continue
+        key = score_key(rgp_score(gn, ga, alpha)).flatten()
+        threshold = key.kthvalue(k + 1).values        # 0-d device tensor: no .item(), no sync
+        g.masked_fill_((key < threshold).view(g.shape), 0)
+
+
+def rgp_score(g_nat, g_score, alpha):
+    """Eq. 6 per element: s = a * |g_nat| + b * |g_score| in float32, each op rounded (no FMA)."""
+    a, b = rgp_coefficients(alpha)
+    return g_nat.float().abs().mul_(a).add_(g_score.float().abs().mul_(b))
+
+
+def rgp_coefficients(alpha):
+    """(a, b) = (float32(alpha), float32(1 - alpha)), the subtraction done in double, as Python does."""
+    a = float(torch.tensor(alpha, dtype=torch.float32))
+    b = float(torch.tensor(1.0 - alpha, dtype=torch.float32))
+    return a, b
+
+
+def score_key(score):
+    """int32 order key of a non-negative float32 score; NaN maps above +inf (so it is never masked)."""
+    key = score.view(torch.int32)
+    return torch.where(torch.isnan(score), torch.full_like(key, 0x7FFFFFFF), key)
+
+
+def rgp_k(n, percentile):
+    """k = floor(p * n / 100): how many entries of an n-element tensor the rule masks (`rgp_mask_`)."""
+    return math.floor(percentile * n / 100)
+
+
+def check_rgp_args(grads, grads_nat, grads_score, alpha, percentile):
+    """Validate the arguments of `rgp_mask_` (shared with `kernels.fused_rgp_mask_`)."""
+    if not (len(grads) == len(grads_nat) == len(grads_score)):
+        raise ValueError(f"grads, grads_nat and grads_score must have the same length, "
+                         f"got {len(grads)}, {len(grads_nat)}, {len(grads_score)}")
+    for i, (g, gn, ga) in enumerate(zip(grads, grads_nat, grads_score)):
+        if not (g.shape == gn.shape == ga.shape):
+            raise ValueError(f"tensor {i}: shapes differ: grads {tuple(g.shape)}, "
+                             f"grads_nat {tuple(gn.shape)}, grads_score {tuple(ga.shape)}")
+    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
+        raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
+    if not (0.0 <= percentile <= 100.0):
+        raise ValueError(f"percentile={percentile!r} is outside the allowed range [0, 100]")
+
+
+# --- The revision model (Eq. 7) and the schedule of its rate r_t and decay d_t ---
 
 class Revision:
     """The revision model of Eq. 7: a stochastic momentum (EMA) copy of the training model.
@@ -393,24 +472,10 @@ class Revision:
         torch._foreach_add_(rev, cur, alpha=1.0 - d)
         self.updates += 1
 
-    def maybe_update_(self, model, d, rate, generator):
+    def maybe_update_(self, model, d, rate, coin):
         """With probability `rate`, Eq. 7 with decay d (the draw is on the host: no device sync)."""
-        if torch.rand((), generator=generator).item() < rate:
+        if torch.rand((), generator=coin).item() < rate:
             self.update_(model, d)
-
-
-def revision_rate(rate, progress):
-    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1).
-
-    This project's reading of the paper, which says only that r is "gradually decayed" (Sec. 4)
-    and gives no formula; the official code keeps r constant."""
-    return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
-
-
-def cure_rate(cfg, progress):
-    """The revision probability at `progress` (0 to 1) of the run: r_t for the paper variant; the
-    official code's constant r (its ema_dynamic option, off by default, is not reproduced)."""
-    return cfg.rate if cfg.variant == "official" else revision_rate(cfg.rate, progress)
 
 
 def cure_revision(model, cfg):
@@ -426,7 +491,7 @@ class CureSchedule:
     `cure_step` advances it. A checkpoint saves `t`; the rest follows from the run's settings.
     """
     total_steps: int          # S, the CURE steps of the run: r_t reaches r/10 at the last one
-    decay: float              # the d this run uses (`for_run`), before the warm-up of `decay_now`
+    run_decay: float          # the d this run uses (`for_run`), before the warm-up of `decay_now`
     t: int = 0                # steps taken so far
 
     @classmethod
@@ -445,98 +510,65 @@ class CureSchedule:
         """d_t = min(d, 1 - 1/(t + 2)), the official code's mean-teacher warm-up (`utilities/train.py`,
         `update_ema_model_variables`): it counts batches from 1 and increments before revising, so
         the update after step t (0-based) sees t + 1 and the first one averages half and half."""
-        return min(self.decay, 1.0 - 1.0 / (self.t + 2))
+        return min(self.run_decay, 1.0 - 1.0 / (self.t + 2))
 
 
-def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
-    """The three gradients of one CURE step from one forward graph, with three backward passes.
+def cure_rate(cfg, progress):
+    """The revision probability at `progress` (0 to 1) of the run: r_t for the paper variant; the
+    official code's constant r (its ema_dynamic option, off by default, is not reproduced)."""
+    return cfg.rate if cfg.variant == "official" else revision_rate(cfg.rate, progress)
 
-    Returns (g, g_nat, g_score, L) per trainable parameter: g = dL/dtheta with
-    L = CE(f(x), y) + beta KL(p(x) || p(x_adv)) + gamma L_CR (Eqs. 5, 8), g_nat = dCE(f(x), y)/dtheta,
-    and the second gradient of the mask's score: g_adv = dCE(f(x_adv), y)/dtheta (Eq. 6, paper
-    variant) or g_kl = dKL(p(x) || p(x_adv))/dtheta (official variant). L is CE(f(x), y) plus the
-    rest, so g = g_nat + d(rest)/dtheta (paper) or g_nat + beta g_kl + gamma dL_CR/dtheta (official):
-    no fourth pass for L itself.
+
+def revision_rate(rate, progress):
+    """r_t: linear decay from r at the start (progress 0) to r/10 at the end (progress 1).
+
+    This project's reading of the paper, which says only that r is "gradually decayed" (Sec. 4)
+    and gives no formula; the official code keeps r constant."""
+    return rate * (1.0 - 0.9 * min(max(progress, 0.0), 1.0))
+
+
+PAPER_STEPS = 200 * 391   # 200 epochs x 391 batches of 128 CIFAR images: the paper's CURE run
+DECAY_FLOOR = 0.5         # the smallest d a paper-variant revision uses: the official first update's
+
+
+def revision_decay(decay, rate, total_steps, floor=DECAY_FLOOR):
+    """The paper variant's d for a run of S steps (this project's rule, not the paper's or the
+    official code's): the horizon 1/(1 - d) kept at the paper run's share of the revisions, floored.
+
+    The paper's d = 0.999 is a horizon of 1,000 updates out of ~8,600 expected revisions in 200
+    epochs, about the last eighth of the run. A short run keeps that share, so its revision model
+    still follows the training model instead of staying at the natural model it started from:
+    H = (1/(1 - d)) * U(run) / U(paper), d_used = min(d, max(floor, 1 - 1/H)). The floor keeps
+    every revision an average (d > 0) in runs too short for one horizon.
     """
+    share = (1.0 / (1.0 - decay)) / expected_revisions(rate, PAPER_STEPS)
+    horizon = share * expected_revisions(rate, total_steps)
+    scaled = 1.0 - 1.0 / horizon if horizon > 1.0 else 0.0
+    return min(decay, max(floor, scaled))
+
+
+def expected_revisions(rate, total_steps):
+    """Expected number of revision updates when r_t falls linearly from r to r/10: 0.55 * r * S."""
+    return 0.55 * rate * total_steps
+
+
+# --- The official code's variant (NeurAI-Lab/CURE, `--cure-variant official`): its loss split, its
+# --- rgp_soft mask on the conv1 tensors, its train-mode revision model at a constant rate ---
+
+def official_cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
+    """`cure_gradients` as the official code splits the loss (`utilities/train.py`): g_score is
+    g_kl = dKL(p(x) || p(x_adv))/dtheta, not the adversarial CE gradient, and
+    g = g_nat + beta g_kl + gamma dL_CR/dtheta. Returns (g, g_nat, g_score, L)."""
     params = [p for p in model.parameters() if p.requires_grad]
     logits_nat, logits_adv = model(x), model(x_adv)
     ce_nat = F.cross_entropy(logits_nat, y)
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    kl = kl_batchmean(logits_nat, logits_adv)
     l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
     g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    if cfg.variant == "official":
-        g_kl = torch.autograd.grad(kl, params, retain_graph=True)
-        g_cr = torch.autograd.grad(cfg.gamma * l_cr, params)
-        g = torch._foreach_add(torch._foreach_add(g_nat, g_kl, alpha=cfg.beta), g_cr)
-        return g, g_nat, g_kl, (ce_nat + cfg.beta * kl + cfg.gamma * l_cr).detach()
-    rest = cfg.beta * kl + cfg.gamma * l_cr
-    g_adv = torch.autograd.grad(F.cross_entropy(logits_adv, y), params, retain_graph=True)
-    g_rest = torch.autograd.grad(rest, params)
-    return torch._foreach_add(g_nat, g_rest), g_nat, g_adv, (ce_nat + rest).detach()
-
-
-def cure_masked(model, cfg):
-    """(name, index into the trainable parameters) of the tensors cfg's mask applies to: every
-    weight with ndim >= 2 outside cfg.exclude (paper), or `official_masked_names` (official)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.variant == "official":
-        position = {n: i for i, (n, _) in enumerate(named)}
-        return [(n, position[n]) for n in official_masked_names([n for n, _ in named])]
-    index = {id(p): i for i, (_, p) in enumerate(named)}
-    return [(name, index[id(p)]) for name, p in masked_parameters(model, cfg.exclude) if id(p) in index]
-
-
-def cure_mask_(model, g, g_nat, g_score, cfg, mask_fn=None, updated=None, average=None):
-    """The RGP mask (Eq. 6, Alg. 1 line 20) on g, in place: `mask_fn` (default `rgp_mask_`, or the
-    fused kernels) for the paper variant, `official_rgp_mask_` for the official one.
-
-    Data parallel: `average` first replaces g, and g_nat and g_score of the masked tensors, by
-    their means over the ranks (3x the plain volume), so every rank computes the same mask. If
-    `updated` (a dict) is given, each masked tensor's count of updated entries is added to it
-    on the device (Figure 6b).
-    """
-    sel = cure_masked(model, cfg)
-    if average is not None:
-        average([*g, *(g_nat[i] for _, i in sel), *(g_score[i] for _, i in sel)])
-    if cfg.variant == "official":
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        official_rgp_mask_(list(zip(names, g)), list(zip(names, g_nat)), list(zip(names, g_score)),
-                           cfg.alpha, cfg.percentile)
-    else:
-        (mask_fn or rgp_mask_)([g[i] for _, i in sel], [g_nat[i] for _, i in sel],
-                               [g_score[i] for _, i in sel], cfg.alpha, cfg.percentile)
-    if updated is not None:
-        with torch.no_grad():
-            for name, i in sel:
-                updated[name] = updated.get(name, 0) + (g[i] != 0).sum()
-
-
-def cure_update_(model, optimizer, g, revision, cfg, schedule, generator):
-    """One optimiser step on the masked g, then the revision (Eq. 7) with probability r_t at
-    step t; advances `schedule` by one step. `generator` draws the revision coin (on data
-    parallel ranks it must be seeded alike, so every rank revises together)."""
-    for p, gi in zip([p for p in model.parameters() if p.requires_grad], g):
-        p.grad = gi
-    optimizer.step()
-    revision.maybe_update_(model, schedule.decay_now(), schedule.rate(cfg), generator)
-    schedule.t += 1
-
-
-def cure_step(model, optimizer, x, y, revision, cfg, schedule, generator,
-              eps=8 / 255, step_size=2 / 255, steps=10, mask_fn=None, updated=None, average=None):
-    """One CURE step (Algorithm 1): attack, gradients, RGP mask, update and revision.
-
-    x_adv from the KL inner maximisation (Eq. 4, `steps` of `step_size` in the `eps` ball); the
-    revision model's targets; g, g_nat and the score's second gradient (`cure_gradients`); the
-    mask (`cure_mask_`, with `mask_fn`, `updated` and `average` as there); SGD and Eq. 7
-    (`cure_update_`, which advances `schedule`). Returns the detached loss L (no host sync).
-    """
-    x_adv = pgd(model, x, y, eps, step_size, steps, loss="kl")                         # Eq. 4
-    rev_nat, rev_adv = revision.targets(x, x_adv)
-    g, g_nat, g_score, loss = cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg)   # Eqs. 5, 8
-    cure_mask_(model, g, g_nat, g_score, cfg, mask_fn, updated, average)               # Eq. 6, Alg. 1 l. 20
-    cure_update_(model, optimizer, g, revision, cfg, schedule, generator)              # Eq. 7
-    return loss
+    g_score = torch.autograd.grad(kl, params, retain_graph=True)
+    g_cr = torch.autograd.grad(cfg.gamma * l_cr, params)
+    g = torch._foreach_add(torch._foreach_add(g_nat, g_score, alpha=cfg.beta), g_cr)
+    return g, g_nat, g_score, (ce_nat + cfg.beta * kl + cfg.gamma * l_cr).detach()
 
 
 def official_masked_names(names):
@@ -546,9 +578,21 @@ def official_masked_names(names):
     return [n for i, n in enumerate(names) if i > 0 and "conv1" in n]
 
 
+@torch.no_grad()
+def official_mask_(grads, grads_nat, grads_score, alpha, percentile):
+    """The official rgp_soft rule on every tensor given: zero g where s < percentile_p(s), with
+    s = alpha * g_nat + (1 - alpha) * g_score SIGNED (no absolute values) and the threshold NumPy's
+    interpolated percentile (`official_percentile`). Same arguments as `rgp_mask_`."""
+    check_rgp_args(grads, grads_nat, grads_score, alpha, percentile)
+    a, b = rgp_coefficients(alpha)
+    for g, gn, gs in zip(grads, grads_nat, grads_score):
+        score = gn.float().mul(a).add_(gs.float().mul(b))          # float32, no FMA
+        g.masked_fill_(score.double() < official_percentile(score, percentile), 0)
+
+
 def official_percentile(score, percentile):
     """`np.percentile(score, p)` (linear interpolation, NaN if any entry is NaN), in float64 on the
-    score's device: t = v[i] + (v[i+1] - v[i]) * f at the virtual index (n - 1) p / 100 = i + f of the
+    score's device: tau = v[i] + (v[i+1] - v[i]) * f at the virtual index (n - 1) p / 100 = i + f of the
     sorted values v (for f >= 0.5 NumPy computes v[i+1] - (v[i+1] - v[i]) * (1 - f); so here)."""
     v = score.flatten().sort().values                      # torch.sort puts NaN last, as NumPy does
     n = v.numel()
@@ -556,33 +600,28 @@ def official_percentile(score, percentile):
     lo = min(math.floor(index), n - 1)
     hi, f = min(lo + 1, n - 1), index - lo
     a, b = v[lo].double(), v[hi].double()
-    t = b - (b - a) * (1 - f) if f >= 0.5 else a + (b - a) * f
-    return torch.where(torch.isnan(v[-1]), v[-1].double(), t)   # 0-d device tensor: no sync
+    tau = b - (b - a) * (1 - f) if f >= 0.5 else a + (b - a) * f
+    return torch.where(torch.isnan(v[-1]), v[-1].double(), tau)   # 0-d device tensor: no sync
 
 
 @torch.no_grad()
-def official_rgp_mask_(named_grads, named_grads_nat, named_grads_kl, alpha, percentile):
-    """The official code's RGP mask (its reinit_mode `rgp_soft`): zero g where s < percentile_p(s).
+def official_rgp_mask_(named_grads, named_grads_nat, named_grads_score, alpha, percentile):
+    """The official code's RGP mask (its reinit_mode `rgp_soft`) on a whole model's gradients.
 
-    s = alpha * g_nat + (1 - alpha) * g_kl, SIGNED (no absolute values), g_kl the gradient of the
-    KL term of Eq. 5 (not of CE(f(x_adv), y)); per tensor the threshold is NumPy's linearly
-    interpolated percentile of s (`official_percentile`), p in percent. Only the tensors named by
-    `official_masked_names` are masked. The lists hold (qualified_name, tensor) pairs in
-    `model.named_parameters()` order; the first list is masked in place and the masked names
-    are returned. Plain PyTorch only (no fused kernel); one sort per masked tensor.
+    g_kl is the gradient of the KL term of Eq. 5 (not of CE(f(x_adv), y)); only the tensors named
+    by `official_masked_names` are masked (`official_mask_`), p in percent. The lists hold
+    (qualified_name, tensor) pairs in `model.named_parameters()` order; the first list is masked in
+    place and the masked names are returned. Plain PyTorch only (no fused kernel); one sort per
+    masked tensor.
     """
     names = [n for n, _ in named_grads]
-    if [n for n, _ in named_grads_nat] != names or [n for n, _ in named_grads_kl] != names:
-        raise ValueError("named_grads, named_grads_nat and named_grads_kl must name the same tensors in "
+    if [n for n, _ in named_grads_nat] != names or [n for n, _ in named_grads_score] != names:
+        raise ValueError("named_grads, named_grads_nat and named_grads_score must name the same tensors in "
                          "the same order")
-    grads, grads_nat, grads_kl = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_kl))
+    grads, grads_nat, grads_kl = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_score))
     masked = official_masked_names(names)
-    check_rgp_args([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_kl[n] for n in masked],
+    official_mask_([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_kl[n] for n in masked],
                    alpha, percentile)
-    a, b = rgp_coefficients(alpha)
-    for n in masked:
-        score = grads_nat[n].float().mul(a).add_(grads_kl[n].float().mul(b))   # float32, no FMA
-        grads[n].masked_fill_(score.double() < official_percentile(score, percentile), 0)
     return masked
 
 
@@ -631,16 +670,16 @@ def _set_weight(weight, w0, dw):
         weight.copy_(w0 + dw)
 
 
-def _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size):
-    """Alg. 1: at most T ascent steps on dw; once ||dw|| > radius, project onto the ball and stop.
+def _paper_ascent(model, weight, w0, bound, x_adv, y, steps, lr, batch_size):
+    """Alg. 1: at most T ascent steps on dw; once ||dw|| > bound, project onto the ball and stop.
 
-    lr=None takes normalised steps dw += (2 * radius / T) * g / ||g||: the same relative size for
+    lr=None takes normalised steps dw += (2 * bound / T) * g / ||g||: the same relative size for
     every module whatever its gradient scale, reaching the boundary (where the maximum of a locally
     linear or convex loss lies) after about T/2 aligned steps, so the projection is taken for real
     and the remaining steps are slack for curvature. A number takes plain steps dw += lr * g.
     """
     dw = torch.zeros_like(w0)
-    step = 2.0 * radius / steps
+    step = 2.0 * bound / steps
     for _ in range(steps):
         _set_weight(weight, w0, dw)
         g = robust_loss_grad(model, weight, x_adv, y, batch_size)
@@ -652,13 +691,13 @@ def _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size):
         else:
             dw = dw + lr * g
         norm = torch.linalg.vector_norm(dw)
-        if norm > radius:
-            dw = dw * (radius / norm)
+        if norm > bound:
+            dw = dw * (bound / norm)
             break
     return dw
 
 
-def _official_ascent(model, weight, w0, radius, x_adv, y, epochs, lr, batch_size, generator):
+def _official_ascent(model, weight, w0, bound, x_adv, y, epochs, lr, batch_size, generator):
     """Official code: `epochs` passes of plain SGD ascent (lr 1, shuffled batches of 512), a
     projection once per pass, and the largest full-set L_rob seen after a pass. Returns (L, dw)."""
     dw, best, best_dw = torch.zeros_like(w0), -math.inf, torch.zeros_like(w0)
@@ -670,8 +709,8 @@ def _official_ascent(model, weight, w0, radius, x_adv, y, epochs, lr, batch_size
                 loss = F.cross_entropy(model(x_adv[idx]).float(), y[idx])        # batch mean, as SGD
                 dw = dw + lr * torch.autograd.grad(loss, [weight])[0]
         norm = torch.linalg.vector_norm(dw)
-        if norm > radius:
-            dw = dw * (radius / norm)
+        if norm > bound:
+            dw = dw * (bound / norm)
         _set_weight(weight, w0, dw)
         loss = robust_loss(model, x_adv, y, batch_size)
         if loss > best:
@@ -679,9 +718,10 @@ def _official_ascent(model, weight, w0, radius, x_adv, y, epochs, lr, batch_size
     return best, best_dw
 
 
-def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
+def mrc_perturbation(model, name, x_adv, y, radius=0.1, steps=10, lr=None, variant="paper", batch_size=512,
                      generator=None, base_loss=None):
-    """MRC(M) = max_{||dw||_2 <= eps ||w||_2} L_rob(w + dw) - L_rob(w) (Def. 3.1), by Alg. 1.
+    """MRC(M) = max_{||dw||_2 <= radius ||w||_2} L_rob(w + dw) - L_rob(w) (Def. 3.1, where RiFT calls
+    the relative radius epsilon), by Alg. 1.
 
     Returns (mrc, dw) with mrc = L_rob(w + dw) - L_rob(w) for the dw found. variant "paper": see
     `_paper_ascent`; "official": see `_official_ascent` (lr None = 1.0, `steps` = passes, batches of
@@ -691,11 +731,11 @@ def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant=
     """
     if variant not in ("paper", "official"):
         raise ValueError(f"unknown MRC variant {variant!r}; choose one of ['paper', 'official']")
-    if not (eps >= 0 and steps >= 1):
-        raise ValueError(f"eps={eps!r} must be >= 0 and steps={steps!r} >= 1")
+    if not (radius >= 0 and steps >= 1):
+        raise ValueError(f"radius={radius!r} must be >= 0 and steps={steps!r} >= 1")
     weight = rift_module(model, name).weight
     w0 = weight.detach().clone()
-    radius = eps * torch.linalg.vector_norm(w0).item()
+    bound = radius * torch.linalg.vector_norm(w0).item()          # ||dw||_2 <= bound
     needed_grad = weight.requires_grad
     weight.requires_grad_(True)
     with eval_mode(model):
@@ -703,12 +743,12 @@ def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant=
             if base_loss is None:
                 base_loss = robust_loss(model, x_adv, y, batch_size)
             if variant == "paper":
-                dw = _paper_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size)
+                dw = _paper_ascent(model, weight, w0, bound, x_adv, y, steps, lr, batch_size)
                 _set_weight(weight, w0, dw)
                 final = robust_loss(model, x_adv, y, batch_size)
             else:
                 lr = 1.0 if lr is None else lr           # official: torch.optim.SGD(lr=1) on -CE
-                final, dw = _official_ascent(model, weight, w0, radius, x_adv, y, steps, lr, batch_size, generator)
+                final, dw = _official_ascent(model, weight, w0, bound, x_adv, y, steps, lr, batch_size, generator)
         finally:
             with torch.no_grad():
                 weight.copy_(w0)                         # the exact saved tensor: bit-identical restore
@@ -716,11 +756,11 @@ def mrc_perturbation(model, name, x_adv, y, eps=0.1, steps=10, lr=None, variant=
     return final - base_loss, dw
 
 
-def module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, lr=None, variant="paper", batch_size=512,
+def module_robust_criticality(model, x_adv, y, radius=0.1, steps=10, lr=None, variant="paper", batch_size=512,
                               modules=None, progress=None, generator=None):
     """MRC (Def. 3.1) of every Conv2d/Linear module (or of `modules`), on fixed (x_adv, y).
 
-    eps = 0.1 and T = 10 steps (RiFT, Sec. 3.2 and Alg. 1); batch_size 512 is the official MRC
+    The relative radius 0.1 (RiFT's epsilon) and T = 10 steps (RiFT, Sec. 3.2 and Alg. 1); batch_size 512 is the official MRC
     loader's. x_adv is made once by the caller (`rift_adversarial_set`: PGD-10, CE, on training
     images). Returns {qualified name: MRC}; the model's state is unchanged and no .grad is left.
     `progress(i, n)` is called after each module.
@@ -734,7 +774,7 @@ def module_robust_criticality(model, x_adv, y, eps=0.1, steps=10, lr=None, varia
         base = robust_loss(model, x_adv, y, batch_size)
         mrc = {}
         for i, name in enumerate(names):
-            mrc[name] = mrc_perturbation(model, name, x_adv, y, eps, steps, lr, variant, batch_size,
+            mrc[name] = mrc_perturbation(model, name, x_adv, y, radius, steps, lr, variant, batch_size,
                                          generator, base_loss=base)[0]
             if progress is not None:
                 progress(i + 1, len(names))
@@ -807,21 +847,21 @@ SELECT_SLACK = 1e-6   # points: absorbs float32 rounding in accuracies (1 of 1,0
 
 
 def select_alpha(table, tolerance=0.1):
-    """The paper's rule (Sec. 3.3): largest clean-accuracy gain over alpha = 0 whose robust accuracy
-    drops by at most `tolerance` points; 0.0 when no alpha gains. Rows: {"alpha", "clean", "robust"}
-    in percent. Ties in clean accuracy go to the higher robust accuracy, then the smaller alpha
+    """The paper's rule (Sec. 3.3): largest clean-accuracy gain over alpha = 0 whose PGD-10 accuracy
+    drops by at most `tolerance` points; 0.0 when no alpha gains. Rows: {"alpha", "clean", "pgd10"}
+    in percent. Ties in clean accuracy go to the higher PGD-10 accuracy, then the smaller alpha
     (the one nearer the adversarially trained weights)."""
     if tolerance < 0:
         raise ValueError(f"tolerance={tolerance!r} must be >= 0")
     start = [r for r in table if r["alpha"] == 0]
     if not start:
         raise ValueError("the table needs the alpha = 0 row (the adversarially trained start)")
-    clean0, robust0 = start[0]["clean"], start[0]["robust"]
+    clean0, pgd0 = start[0]["clean"], start[0]["pgd10"]
     allowed = [r for r in table
-               if r["clean"] > clean0 and r["robust"] >= robust0 - tolerance - SELECT_SLACK]
+               if r["clean"] > clean0 and r["pgd10"] >= pgd0 - tolerance - SELECT_SLACK]
     if not allowed:
         return 0.0
-    best = max(allowed, key=lambda r: (r["clean"], r["robust"], -r["alpha"]))
+    best = max(allowed, key=lambda r: (r["clean"], r["pgd10"], -r["alpha"]))
     return float(best["alpha"])
 
 
@@ -836,12 +876,12 @@ def rift_adversarial_set(model, split, size, eps=8 / 255, step_size=2 / 255, ste
     return x_adv, y
 
 
-def rift_mrc(model, split, size, eps=8 / 255, step_size=2 / 255, mrc_eps=0.1, mrc_steps=10, variant="paper",
+def rift_mrc(model, split, size, eps=8 / 255, step_size=2 / 255, mrc_radius=0.1, mrc_steps=10, variant="paper",
              batch_size=128, seed=0, progress=None):
     """RiFT step 1: MRC of every Conv2d/Linear module on `rift_adversarial_set` (`size` training
     images), lowest (the non-robust-critical module) first. `progress(i, n)` after each module."""
     x_adv, y = rift_adversarial_set(model, split, size, eps, step_size, 10, batch_size, seed)
-    mrc = module_robust_criticality(model, x_adv, y, mrc_eps, mrc_steps, variant=variant, progress=progress,
+    mrc = module_robust_criticality(model, x_adv, y, mrc_radius, mrc_steps, variant=variant, progress=progress,
                                     generator=torch.Generator().manual_seed(seed))
     return dict(sorted(mrc.items(), key=lambda kv: kv[1]))
 
@@ -851,13 +891,13 @@ class RiftResult:
     """What `rift` found: the module it fine-tuned, the tables behind the choices, the weights."""
     module: str        # the non-robust-critical module (or the one given)
     mrc: dict          # {module: MRC}, lowest first ({} when the module was given)
-    alphas: list       # [{"alpha", "clean", "robust"}] on the validation split, robust = PGD-10
+    alphas: list       # [{"alpha", "clean", "pgd10", "top_class_share"}] on the validation split
     alpha: float       # the selected interpolation factor
     state: dict        # theta(alpha), the selected model's state_dict
 
 
 def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 255, mrc_size=1000,
-         mrc_eps=0.1, mrc_steps=10, mrc_variant="paper", epochs=10, lr=1e-3, weight_decay=5e-4,
+         mrc_radius=0.1, mrc_steps=10, mrc_variant="paper", epochs=10, lr=1e-3, weight_decay=5e-4,
          batch_size=128, tolerance=0.1, seed=0, progress=None, rank=0, world_size=1):
     """RiFT (Zhu et al., ICCV 2023) on an adversarially trained `model`, which is left unchanged.
 
@@ -871,10 +911,12 @@ def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 
        points (`select_alpha`).
     `progress(stage, i, n)` reports "MRC" and "fine-tune". Data parallel: every rank computes the
     MRC table and rank 0's choice is kept (broadcast); fine-tuning and the alpha sweep are sharded.
+    Two radii: `eps` is the attacks' L-inf radius (8/255), `mrc_radius` MRC's relative L2 radius
+    (RiFT's epsilon in Def. 3.1). alpha is RiFT's interpolation weight, not CURE's (Eq. 6).
     """
     if module is None:
         report = None if progress is None else (lambda i, n: progress("MRC", i, n))
-        mrc = rift_mrc(model, train_split, mrc_size, eps, step_size, mrc_eps, mrc_steps, mrc_variant, batch_size,
+        mrc = rift_mrc(model, train_split, mrc_size, eps, step_size, mrc_radius, mrc_steps, mrc_variant, batch_size,
                        seed, report)
         names = list(mrc)
         choice = torch.tensor([names.index(non_robust_critical_module(mrc))], device=train_split.y.device)
@@ -893,7 +935,7 @@ def rift(model, train_split, val_split, module=None, eps=8 / 255, step_size=2 / 
     for alpha in RIFT_ALPHAS:                              # selection on the validation split, never test
         probe.load_state_dict(interpolate(start, tuned.state_dict(), alpha))
         v = evaluate(probe, val_split, ["pgd10"], eps, seed=seed, rank=rank, world_size=world_size)   # Sec. 5.1
-        table.append(dict(alpha=alpha, clean=v["clean"], robust=v["pgd10"], top_class_share=v["top_class_share"]))
+        table.append(dict(alpha=alpha, clean=v["clean"], pgd10=v["pgd10"], top_class_share=v["top_class_share"]))
     alpha = select_alpha(table, tolerance)
     return RiftResult(module, mrc, table, alpha, interpolate(start, tuned.state_dict(), alpha))
 
@@ -1009,7 +1051,7 @@ def batch_generator(seed, index, device):
 def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, batch_size=256,
              autoattack=False, aa_size=None, aa_state_path=None, seed=0, progress=None, on_result=None,
              rank=0, world_size=1):
-    """Accuracy in percent on `split`: "clean", one entry per attack, and "robust", the per-example
+    """Accuracy in percent on `split`: "clean", one entry per attack, and "worst", the per-example
     worst case over every attack that covered the whole split; "top_class_share", the percentage
     of the clean predictions that fall on the most predicted class (see `collapsed`).
 
@@ -1018,7 +1060,7 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
     AutoAttack (standard, L-inf; see `autoattack_correct`, `aa_state_path` resumes it) runs last,
     on the first `aa_size` examples (all if None): "autoattack", with "n_autoattack" images. An
     attack that raises is recorded in "failed" ({name: "Type: message"}) and the others still run;
-    "robust" then covers the attacks that finished. Accuracies are 100 * count / n from the
+    "worst" then covers the attacks that finished. Accuracies are 100 * count / n from the
     integer "counts"; "n" is the split's size. The PGD random starts come from `batch_generator`
     (seed, batch index), so two models evaluated with one seed get the same starts.
     Data parallel: rank r attacks batches r, r + N, ...; the per-example flags are gathered after
@@ -1077,7 +1119,7 @@ def evaluate(model, split, attacks=("pgd20",), eps=8 / 255, step_size=2 / 255, b
                 result[name] = percent(correct.sum(), m)
                 if name != "clean" and m == n:     # the worst case over attacks of the whole split
                     worst = torch.stack([v for k, v in per_example.items() if k != "clean" and len(v) == n])
-                    result["robust"] = percent(worst.all(0).sum(), n)
+                    result["worst"] = percent(worst.all(0).sum(), n)
                 if name == "autoattack":
                     result["n_autoattack"] = m
                     if m < n and "clean" in per_example:    # for NRR against AA on the same images
@@ -1297,13 +1339,6 @@ def build_model(name, num_classes=10, width=None, mean=CIFAR10_MEAN, std=CIFAR10
     if not (isinstance(width, int) and width >= 1):
         raise ValueError(f"width={width!r} must be a positive integer")
     return make(num_classes=num_classes, width=width, mean=mean, std=std)
-
-
-def masked_parameters(model, exclude=()):
-    """The (name, parameter) pairs the RGP mask applies to: every weight with ndim >= 2 (the conv and
-    linear weights; biases and normalisation parameters never)."""
-    return [(n, p) for n, p in model.named_parameters()
-            if p.ndim >= 2 and not any(n == e or n.startswith(e + ".") for e in exclude)]
 
 
 def classifier_name(model):
@@ -1985,8 +2020,8 @@ def _check_group(world_size):
 def _flat_buckets(tensors):
     """The tensors grouped by dtype, each group with one flat (contiguous) copy of its entries."""
     groups = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
     return [(group, torch.cat([t.reshape(-1) for t in group])) for group in groups.values()]
 
 
@@ -2410,17 +2445,6 @@ def motion_taps(radius, sigma, angles):
     a = torch.deg2rad(angles.detach().cpu().double())[:, None]
     dx, dy = torch.ceil(i * torch.cos(a) - 0.5), torch.ceil(i * torch.sin(a) - 0.5)
     return weights / weights.sum(), dx.long(), dy.long()
-
-
-def motion_kernel(radius, sigma, angle):
-    """The motion blur at one angle as a square correlation kernel (2 width - 1)^2 for `_filter`: the
-    taps of `motion_taps` placed at their offsets from the centre (taps that round to the same
-    offset add up). Sums to 1; all weight lies on the half-line from the centre along the angle."""
-    weights, dx, dy = motion_taps(radius, sigma, torch.tensor([float(angle)]))
-    centre = len(weights) - 1
-    kernel = torch.zeros(2 * centre + 1, 2 * centre + 1, dtype=torch.float64)
-    kernel.index_put_((centre + dy[0], centre + dx[0]), weights, accumulate=True)
-    return kernel
 
 
 def motion_blur_at(x, radius, sigma, angles):

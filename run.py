@@ -160,7 +160,7 @@ def parse_args(argv):
     p.add_argument("--module", help="RiFT: fine-tune this module (skips MRC)")
     p.add_argument("--mrc-only", action="store_true", help="RiFT: print the MRC ranking and stop")
     p.add_argument("--mrc-variant", default="paper", help="RiFT: paper | official")
-    p.add_argument("--tolerance", type=float, default=0.1, help="RiFT: allowed robust drop (points)")
+    p.add_argument("--tolerance", type=float, default=0.1, help="RiFT: allowed PGD-10 drop (points)")
     p.add_argument("--cifar10c", help="corruptions from files, not generated: a CIFAR-10-C or CIFAR-100-C folder "
                    "(.npy) or a Tiny-ImageNet-C folder (<name>/<severity>/<wnid>/*.JPEG)")
     p.add_argument("--corruptions", action=argparse.BooleanOptionalAction, default=None,
@@ -175,6 +175,9 @@ def parse_args(argv):
                    "(digits 1-4: ResNet stages layer1-4, 5: the classifier; default " + LAYERWISE_BLOCKS + ")")
     p.add_argument("--reinit", action=argparse.BooleanOptionalAction, default=True,
                    help="layerwise: re-initialise the trained blocks first (CURE Fig. 2b; --no-reinit: Fig. 11)")
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="layerwise: the frozen blocks' BatchNorm statistics stay fixed too (a strict freeze; "
+                   "the official runs let them adapt)")
     p.add_argument("--eps-list", default="0.25,0.5,1,2,3,4,5,6,7,8",
                    help="analyze eps: the radii (/255) of PGD-20 (step eps/4; CURE Fig. 5b: 0.25 to 8)")
     p.add_argument("--eps-max", type=float, default=16.0, help="analyze minpert: largest eps searched (/255)")
@@ -743,6 +746,8 @@ def train(args, method, data, train_split, val, out, init_model=None):
             rf.reinitialize_(model, [p for p in args.trainable if p not in rf.LAYERWISE_STEM],
                              torch.Generator().manual_seed(args.seed))
         rf.freeze_all_but(model, args.trainable)
+        if args.freeze_bn:
+            rf.freeze_bn_(model, args.trainable)
     average = rf.gradient_averager(model, args.world_size)   # None in one process
     epochs = args.epochs if method != "natural" or args.method == "natural" else args.natural_epochs
     # --weight-decay, --lr and --milestones apply to the method asked for; CURE's natural
@@ -760,7 +765,7 @@ def train(args, method, data, train_split, val, out, init_model=None):
         total = (epochs - args.warmup_epochs) * steps_per_epoch       # CURE steps: r_t reaches r/10 at the end
         cure = cure_run(cfg, model, total, args.seed + 1, args.device)
         print(f"CURE ({cfg.variant} variant): p={cfg.percentile} alpha={cfg.alpha} gamma={cfg.gamma} beta={cfg.beta} "
-              f"r={cfg.rate} d={cure.schedule.decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
+              f"r={cfg.rate} d={cure.schedule.run_decay:.6f} (paper d={cfg.decay}, {total} steps)", file=sys.stderr)
     record = dict(log=[], epoch_seconds=[], best=None)
     from_trained = init_model is not None or args.init is not None   # judged from its first epoch on
     stats = TrainingStats(model, optimizer, cure)
@@ -776,7 +781,7 @@ def train(args, method, data, train_split, val, out, init_model=None):
         if cure is not None:
             cure.revision.model.load_state_dict(ck["revision"])
             cure.revision.updates = ck["revision_updates"]
-            cure.coin.set_state(ck["revision_generator"])
+            cure.coin.set_state(ck["revision_coin"])
             cure.schedule.t = ck["cure_step"]
             if "stats" in ck:              # (checkpoints written before the per-phase shares have none)
                 stats.load_state_dict(ck["stats"])
@@ -836,7 +841,7 @@ def train(args, method, data, train_split, val, out, init_model=None):
                      config=config_record(args, method), method=method)
         if cure is not None:
             state.update(revision=cure.revision.model.state_dict(), revision_updates=cure.revision.updates,
-                         revision_generator=cure.coin.get_state(), cure_step=cure.schedule.t,
+                         revision_coin=cure.coin.get_state(), cure_step=cure.schedule.t,
                          stats=stats.state_dict())
         if writer(args):
             rf.save_checkpoint(ckpt_path, **state)
@@ -976,7 +981,7 @@ def final_metrics(args, model, test, record, method, num_classes, revision=None)
 def nrr_robust(result):
     """The robust accuracy NRR (Eq. 9) is taken against: CW when it ran (the paper's), else the
     per-example worst case; None when no attack covered the split."""
-    return result.get("cw", result.get("robust"))
+    return result.get("cw", result.get("worst"))
 
 
 def with_nrr(result):
@@ -1128,7 +1133,7 @@ def print_mrc(mrc):
 def print_rift(result):
     """The alpha sweep on the validation split, then before/after on the test split."""
     for row in result["alphas"]:
-        print(f"  alpha {row['alpha']:.1f}: val clean {row['clean']:.2f}%  PGD-10 {row['robust']:.2f}%",
+        print(f"  alpha {row['alpha']:.1f}: val clean {row['clean']:.2f}%  PGD-10 {row['pgd10']:.2f}%",
               file=sys.stderr)
     print(f"RiFT on {result['module']}: alpha {result['alpha']}", file=sys.stderr)
     print(f"{'':8}{'clean':>8}{'PGD-20':>8}{'CW':>8}{'corrupt':>9}", file=sys.stderr)
@@ -1152,8 +1157,7 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, schedule, co
     rev_nat, rev_adv = revision.targets(x, x_adv)
     logits_nat, logits_adv = model(x), model(x_adv)
     terms = [torch.nn.functional.cross_entropy(logits_nat, y), torch.nn.functional.cross_entropy(logits_adv, y),
-             cfg.beta * torch.nn.functional.kl_div(torch.log_softmax(logits_adv, 1), torch.softmax(logits_nat, 1),
-                                                   reduction="batchmean"),
+             cfg.beta * rf.kl_batchmean(logits_nat, logits_adv),
              cfg.gamma * (rf.consistency_loss(logits_nat, rev_nat) + rf.consistency_loss(logits_adv, rev_adv))]
     grads = []
     for term in terms:
@@ -1254,10 +1258,10 @@ def report_mask(models, width_scale, batch, device, reps):
         x, y = torch.rand(batch, 3, 32, 32, device=device), torch.randint(10, (batch,), device=device)
         x_adv = (x + 8 / 255 * torch.randn_like(x)).clamp(0, 1)
         cfg = rf.cure_defaults(name, "cifar10")
-        g, g_nat, g_adv, _ = rf.cure_gradients(model, x, x_adv, y, *rf.Revision(model).targets(x, x_adv), cfg)
+        g, g_nat, g_score, _ = rf.cure_gradients(model, x, x_adv, y, *rf.Revision(model).targets(x, x_adv), cfg)
         sel = [i for _, i in rf.cure_masked(model, cfg)]
         rows[name] = dict(width=width, **kernels.bench_mask_row([g[i] for i in sel], [g_nat[i] for i in sel],
-                                                                [g_adv[i] for i in sel], reps=reps))
+                                                                [g_score[i] for i in sel], reps=reps))
     return rows
 
 
@@ -1646,8 +1650,8 @@ def table_row(metrics):
     test = metrics.get("test", metrics.get("after", {}))
     row = {k: test.get(k) for k in ("n", "clean", "pgd20", "pgd100", "cw", "autoattack", "n_autoattack",
                                     "pgd20_official", "cw_official")}
-    row["robust"] = nrr_robust(test)
-    row["nrr"] = rf.nrr(row["clean"], row["robust"]) if row["robust"] is not None else None   # Eq. 9
+    row["nrr_robust"] = nrr_robust(test)
+    row["nrr"] = rf.nrr(row["clean"], row["nrr_robust"]) if row["nrr_robust"] is not None else None   # Eq. 9
     row["nrr_autoattack"] = test.get("nrr_autoattack")                      # against AA (Tables 7-8)
     row["corruption"] = test.get("corruption")                              # mean over corruptions
     row["minutes"] = metrics.get("wall_seconds", 0.0) / 60
@@ -1721,10 +1725,10 @@ def make_plots(out, rows, methods):
     fig, ax = plt.subplots(figsize=(5, 4))                       # Figure 1: clean vs robust
     for name, metrics in rows.items():
         row = table_row(metrics)
-        if row["robust"] is None:                                # no attack covered the test split
+        if row["nrr_robust"] is None:                                # no attack covered the test split
             continue
-        ax.scatter(row["clean"], row["robust"], s=40)
-        ax.annotate(name, (row["clean"], row["robust"]), textcoords="offset points", xytext=(4, 4))
+        ax.scatter(row["clean"], row["nrr_robust"], s=40)
+        ax.annotate(name, (row["clean"], row["nrr_robust"]), textcoords="offset points", xytext=(4, 4))
     ax.set(xlabel="clean accuracy (%)", ylabel="robust accuracy: CW-inf, else the worst case (%)",
            title="Clean vs robust accuracy")
     ax.grid(alpha=0.3)
@@ -1801,7 +1805,7 @@ def make_plots(out, rows, methods):
         for name, r in rift_rows.items():
             a = [t["alpha"] for t in r["alphas"]]
             ax.plot(a, [t["clean"] for t in r["alphas"]], marker="o", label=f"{name} clean")
-            ax.plot(a, [t["robust"] for t in r["alphas"]], marker="x", linestyle="--", label=f"{name} PGD")
+            ax.plot(a, [t["pgd10"] for t in r["alphas"]], marker="x", linestyle="--", label=f"{name} PGD")
         ax.set(xlabel="interpolation factor alpha", ylabel="validation accuracy (%), PGD-10 dashed",
                title="RiFT interpolation")
         ax.legend(fontsize=7)
@@ -1858,7 +1862,7 @@ def cmd_layerwise(args):
         rows[name] = run_stage(sub_run(args, "at", os.path.join(args.out, name), init=nat_ckpt,
                                        trainable=list(prefixes)), cmd_train)
     results = dict(dataset=args.dataset, model=args.model, width=args.width, epochs=args.epochs, preset=args.preset,
-                   seed=args.seed, device=str(args.device), reinit=args.reinit,
+                   seed=args.seed, device=str(args.device), reinit=args.reinit, freeze_bn=args.freeze_bn,
                    trained={f"U-{b}": list(p) for b, p in zip(args.blocks.split(","), args.block_sets)},
                    rows={name: table_row(m) for name, m in rows.items()})
     if writer(args):
@@ -1887,7 +1891,7 @@ def layerwise_plots(out, results, trained_rows):
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
     names = list(rows)
-    for j, (key, label) in enumerate((("clean", "clean"), ("robust", "robust (CW-inf, else worst case)"))):
+    for j, (key, label) in enumerate((("clean", "clean"), ("nrr_robust", "robust (CW-inf, else worst case)"))):
         ax.bar([i + 0.4 * j for i in range(len(names))], [rows[n][key] or 0.0 for n in names], 0.4, label=label)
     ax.set_xticks([i + 0.2 for i in range(len(names))], names)
     ax.set(ylabel="test accuracy (%)", title="Layer-wise study: adversarial training of some blocks only")
