@@ -2078,10 +2078,11 @@ def plot_minpert(out, results):
 ANALYSIS_PLOTS = {"cka": plot_cka, "eps": plot_eps, "minpert": plot_minpert}
 
 
-def read_log(path):
-    """The per-epoch entries of a run's log.jsonl (the evaluation lines have no "epoch")."""
+def read_log(path, evaluations=False):
+    """The per-epoch entries of a run's log.jsonl (the evaluation lines have no "epoch"), or with
+    `evaluations` every line."""
     with open(path) as f:
-        return [e for e in map(json.loads, filter(str.strip, f)) if "epoch" in e]
+        return [e for e in map(json.loads, filter(str.strip, f)) if evaluations or "epoch" in e]
 
 
 def main(argv=None):

@@ -3517,12 +3517,6 @@ def cli_error(argv, capsys):
     return err[0]
 
 
-def read_jsonl(path):
-    """Every line of a JSON-lines file: a run's log.jsonl with its evaluation lines (run.read_log
-    keeps the per-epoch ones)."""
-    return [json.loads(line) for line in open(path) if line.strip()]
-
-
 def no_attack(model, x, *args, **kwargs):
     """Stands in for rf.pgd where a test checks names or files, not attacks: x unchanged."""
     return x.detach().clone()
@@ -3658,7 +3652,7 @@ def test_cli_trains_end_to_end_and_writes_metrics(method, tmp_path, capsys):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["method"] == method and on_disk["test"]["n"] == 32
     assert {"clean", "pgd20", "cw", "worst", "nrr"} <= set(on_disk["test"])
-    lines = read_jsonl(out / "log.jsonl")
+    lines = run.read_log(out / "log.jsonl", evaluations=True)
     assert [e["epoch"] for e in lines if "epoch" in e] == [1, 2]
     assert [e["attack"] for e in lines if e.get("evaluation") == "test"] == ["clean", "pgd20", "cw"]   # as each finished
     assert (out / "checkpoint.pt").exists()
@@ -3935,7 +3929,7 @@ def test_a_failing_attack_keeps_the_others_results_and_exits_1(tmp_path, capsys,
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"clean", "pgd20", "cw", "worst"} <= set(metrics["test"])
     assert "autoattack" not in metrics["test"] and "AutoAttack exploded" in metrics["test"]["failed"]["autoattack"]
-    logged = [e["attack"] for e in read_jsonl(out / "log.jsonl")]
+    logged = [e["attack"] for e in run.read_log(out / "log.jsonl", evaluations=True)]
     assert logged == ["clean", "pgd20", "cw", "autoattack"]            # one log line per finished attack
 
 
