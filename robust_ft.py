@@ -296,15 +296,22 @@ def cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
     and g_score = dCE(f(x_adv), y)/dtheta, the adversarial gradient of Eq. 6. L is CE(f(x), y) plus
     the rest, so g = g_nat + d(rest)/dtheta: no fourth pass for L itself.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    logits_nat, logits_adv = model(x), model(x_adv)
-    ce_nat = F.cross_entropy(logits_nat, y)
-    rest = (cfg.beta * kl_batchmean(logits_nat, logits_adv)
-            + cfg.gamma * (consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)))  # Eq. 8
+    params, ce_nat, ce_adv, kl, l_cr = cure_losses(model, x, x_adv, y, rev_nat, rev_adv)
+    rest = cfg.beta * kl + cfg.gamma * l_cr
     g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
-    g_score = torch.autograd.grad(F.cross_entropy(logits_adv, y), params, retain_graph=True)
+    g_score = torch.autograd.grad(ce_adv, params, retain_graph=True)
     g_rest = torch.autograd.grad(rest, params)
     return torch._foreach_add(g_nat, g_rest), g_nat, g_score, (ce_nat + rest).detach()
+
+
+def cure_losses(model, x, x_adv, y, rev_nat, rev_adv):
+    """The trainable parameters and the terms CURE's gradients are taken of, from one forward pass
+    of each batch: CE(f(x), y), CE(f(x_adv), y), KL(p(x) || p(x_adv)) (Eq. 5) and L_CR (Eq. 8)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_nat, logits_adv = model(x), model(x_adv)
+    l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
+    return (params, F.cross_entropy(logits_nat, y), F.cross_entropy(logits_adv, y),
+            kl_batchmean(logits_nat, logits_adv), l_cr)
 
 
 def consistency_loss(logits, logits_rev):
@@ -376,7 +383,7 @@ def rgp_mask_(grads, grads_nat, grads_score, alpha, percentile):
     zeroed (strict: ties at tau are kept). In place, no host synchronisation per tensor.
     """
     check_rgp_args(grads, grads_nat, grads_score, alpha, percentile)
-    for g, gn, ga in zip(grads, grads_nat, grads_score):
+    for g, gn, gs in zip(grads, grads_nat, grads_score):
         n = g.numel()
         k = rgp_k(n, percentile)
         if k == 0:
@@ -384,7 +391,7 @@ def rgp_mask_(grads, grads_nat, grads_score, alpha, percentile):
         if k == n:
             g.zero_()
             continue
-        key = score_key(rgp_score(gn, ga, alpha)).flatten()
+        key = score_key(rgp_score(gn, gs, alpha)).flatten()
         threshold = key.kthvalue(k + 1).values        # 0-d device tensor: no .item(), no sync
         g.masked_fill_((key < threshold).view(g.shape), 0)
 
@@ -418,10 +425,10 @@ def check_rgp_args(grads, grads_nat, grads_score, alpha, percentile):
     if not (len(grads) == len(grads_nat) == len(grads_score)):
         raise ValueError(f"grads, grads_nat and grads_score must have the same length, "
                          f"got {len(grads)}, {len(grads_nat)}, {len(grads_score)}")
-    for i, (g, gn, ga) in enumerate(zip(grads, grads_nat, grads_score)):
-        if not (g.shape == gn.shape == ga.shape):
+    for i, (g, gn, gs) in enumerate(zip(grads, grads_nat, grads_score)):
+        if not (g.shape == gn.shape == gs.shape):
             raise ValueError(f"tensor {i}: shapes differ: grads {tuple(g.shape)}, "
-                             f"grads_nat {tuple(gn.shape)}, grads_score {tuple(ga.shape)}")
+                             f"grads_nat {tuple(gn.shape)}, grads_score {tuple(gs.shape)}")
     if not (0.0 <= alpha <= 1.0):  # also rejects NaN
         raise ValueError(f"alpha={alpha!r} is outside the allowed range [0, 1]")
     if not (0.0 <= percentile <= 100.0):
@@ -559,11 +566,7 @@ def official_cure_gradients(model, x, x_adv, y, rev_nat, rev_adv, cfg):
     """`cure_gradients` as the official code splits the loss (`utilities/train.py`): g_score is
     g_kl = dKL(p(x) || p(x_adv))/dtheta, not the adversarial CE gradient, and
     g = g_nat + beta g_kl + gamma dL_CR/dtheta. Returns (g, g_nat, g_score, L)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    logits_nat, logits_adv = model(x), model(x_adv)
-    ce_nat = F.cross_entropy(logits_nat, y)
-    kl = kl_batchmean(logits_nat, logits_adv)
-    l_cr = consistency_loss(logits_nat, rev_nat) + consistency_loss(logits_adv, rev_adv)    # Eq. 8
+    params, ce_nat, _, kl, l_cr = cure_losses(model, x, x_adv, y, rev_nat, rev_adv)
     g_nat = torch.autograd.grad(ce_nat, params, retain_graph=True)
     g_score = torch.autograd.grad(kl, params, retain_graph=True)
     g_cr = torch.autograd.grad(cfg.gamma * l_cr, params)
@@ -608,19 +611,19 @@ def official_percentile(score, percentile):
 def official_rgp_mask_(named_grads, named_grads_nat, named_grads_score, alpha, percentile):
     """The official code's RGP mask (its reinit_mode `rgp_soft`) on a whole model's gradients.
 
-    g_kl is the gradient of the KL term of Eq. 5 (not of CE(f(x_adv), y)); only the tensors named
-    by `official_masked_names` are masked (`official_mask_`), p in percent. The lists hold
-    (qualified_name, tensor) pairs in `model.named_parameters()` order; the first list is masked in
-    place and the masked names are returned. Plain PyTorch only (no fused kernel); one sort per
+    g_score is g_kl, the gradient of the KL term of Eq. 5 (not of CE(f(x_adv), y)); only the
+    tensors named by `official_masked_names` are masked (`official_mask_`), p in percent. The lists
+    hold (qualified_name, tensor) pairs in `model.named_parameters()` order; the first list is
+    masked in place and the masked names are returned. Plain PyTorch only (no fused kernel); one sort per
     masked tensor.
     """
     names = [n for n, _ in named_grads]
     if [n for n, _ in named_grads_nat] != names or [n for n, _ in named_grads_score] != names:
         raise ValueError("named_grads, named_grads_nat and named_grads_score must name the same tensors in "
                          "the same order")
-    grads, grads_nat, grads_kl = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_score))
+    grads, grads_nat, grads_score = (dict(lst) for lst in (named_grads, named_grads_nat, named_grads_score))
     masked = official_masked_names(names)
-    official_mask_([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_kl[n] for n in masked],
+    official_mask_([grads[n] for n in masked], [grads_nat[n] for n in masked], [grads_score[n] for n in masked],
                    alpha, percentile)
     return masked
 
@@ -760,8 +763,8 @@ def module_robust_criticality(model, x_adv, y, radius=0.1, steps=10, lr=None, va
                               modules=None, progress=None, generator=None):
     """MRC (Def. 3.1) of every Conv2d/Linear module (or of `modules`), on fixed (x_adv, y).
 
-    The relative radius 0.1 (RiFT's epsilon) and T = 10 steps (RiFT, Sec. 3.2 and Alg. 1); batch_size 512 is the official MRC
-    loader's. x_adv is made once by the caller (`rift_adversarial_set`: PGD-10, CE, on training
+    The relative radius 0.1 (RiFT's epsilon) and T = 10 steps (RiFT, Sec. 3.2 and Alg. 1); batch_size
+    512 is the official MRC loader's. x_adv is made once by the caller (`rift_adversarial_set`: PGD-10, CE, on training
     images). Returns {qualified name: MRC}; the model's state is unchanged and no .grad is left.
     `progress(i, n)` is called after each module.
     """

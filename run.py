@@ -781,7 +781,8 @@ def train(args, method, data, train_split, val, out, init_model=None):
         if cure is not None:
             cure.revision.model.load_state_dict(ck["revision"])
             cure.revision.updates = ck["revision_updates"]
-            cure.coin.set_state(ck["revision_coin"])
+            # checkpoints written before the key was named revision_coin still resume
+            cure.coin.set_state(ck["revision_coin"] if "revision_coin" in ck else ck["revision_generator"])
             cure.schedule.t = ck["cure_step"]
             if "stats" in ck:              # (checkpoints written before the per-phase shares have none)
                 stats.load_state_dict(ck["stats"])
