@@ -5,7 +5,7 @@ invariants (eps-ball, [0, 1], mode restored, state unchanged) are asserted direc
 test compares the code with a computation written here (hand-written losses, separate autograd
 passes, NumPy, functional re-implementations), not with the code itself; many such tests were
 checked to fail on a named, plausible wrong implementation that the rest of the file lets through.
-Small generated data only: nothing here needs a download or ../shared.
+Small generated data only: nothing here needs a download or a dataset on disk.
 
 The sections are robust_ft.py's, in its order (1-8, then the appendix A-E), then kernels.py's (the
 Triton kernels), then run.py's (the command line). Run with
