@@ -383,6 +383,21 @@ def setup_distributed(args):
         sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
 
 
+def leave_process_group():
+    """dist.destroy_process_group(), with gloo's worker threads joined while the GIL is free.
+
+    A gloo thread that finishes a collective after Python has dropped the collective's tensor frees
+    that tensor's Python object, and needs the GIL for it. Before torch 2.8 the process group's
+    destructor joins those threads holding the GIL (fixed by pytorch/pytorch#154976), so both wait
+    forever: an exit that hangs now and then. The gloo backend's own binding releases the GIL when
+    it is destroyed, so hold it past destroy_process_group() and let it go last."""
+    # No other reference to the group may outlive this call: the group's destructor must run inside
+    # destroy_process_group(), while `gloo` still holds the backend.
+    gloo = dist.group.WORLD._get_backend(torch.device("cpu")) if dist.get_backend() == "gloo" else None
+    dist.destroy_process_group()
+    del gloo                                  # the last reference: joins gloo's threads, GIL released
+
+
 def writer(args):
     """Whether this process writes files: always in one process, rank 0 alone under torchrun."""
     return args.rank == 0
@@ -2107,7 +2122,7 @@ def main(argv=None):
         # Every rank got here. Leave together (the barrier holds the other ranks until rank 0 has
         # written its files), and free the group's threads before the interpreter shuts down.
         dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
     return result
 
 

@@ -2186,7 +2186,7 @@ def ddp_worker(rank, world_size, port, out_dir):
         dist.barrier()                          # leave the group together, as run.main does
     finally:
         rf.pgd, rf.autoattack_one = real_pgd, real_aa
-        dist.destroy_process_group()
+        run.leave_process_group()
     result["threads_after"] = threads()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -4227,13 +4227,59 @@ def test_torchrun_process_group_frees_its_threads(ddp_ranks):
     assert all(before == after for before, after in counts), counts     # (3 more without the fix)
 
 
+# One gloo rank: rank 0 leaves the group while its last all-reduce still waits for rank 1 (one
+# second late), and Python has already let go of the all-reduce's tensor; it prints its thread
+# counts before joining the group and after leaving it.
+LEAVE_WHILE_BUSY = """
+import os, sys, time, torch, torch.distributed as dist
+import run
+rank, port = int(sys.argv[1]), sys.argv[2]
+count = lambda: len(os.listdir("/proc/self/task"))
+torch.ones(4).sum()
+before = count()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=2)
+if rank == 1:
+    time.sleep(1.0)
+tensor = torch.ones(1000)
+dist.all_reduce(tensor, async_op=True)
+del tensor
+run.leave_process_group()
+print(before, count())
+"""
+
+
+def test_torchrun_leaving_waits_for_a_busy_gloo_thread_without_deadlock():
+    """A gloo thread that finishes a collective after Python dropped its tensor needs the GIL to free
+    it. leave_process_group joins the group's threads with the GIL released, so rank 0 leaves once
+    the late all-reduce is done, and no gloo thread is left. Before torch 2.8, plain
+    destroy_process_group() joins them holding the GIL, and rank 0 hangs here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    here = os.path.dirname(os.path.abspath(__file__))
+    ranks = [subprocess.Popen([sys.executable, "-c", LEAVE_WHILE_BUSY, str(rank), port], cwd=here,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=60) for proc in ranks]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank did not leave the process group within 60 s: deadlocked in destroy_process_group")
+    finally:
+        for proc in ranks:
+            proc.kill()
+    for proc, (stdout, stderr) in zip(ranks, outputs):
+        assert proc.returncode == 0, stderr[-2000:]
+        before, after = map(int, stdout.split())
+        assert after == before, (before, after)                     # the gloo threads are gone
+
+
 def test_torchrun_ranks_leave_together_after_rank0_has_written(tmp_path, monkeypatch):
     """At the normal end every rank waits at a barrier, reached by rank 0 only after metrics.json is
     written, and only then leaves the process group: no rank tears down while a peer still works."""
     calls = []
     monkeypatch.setattr(run.dist, "is_initialized", lambda: True)     # as under torchrun, one process
     monkeypatch.setattr(run.dist, "barrier", lambda: calls.append(("barrier", (tmp_path / "metrics.json").exists())))
-    monkeypatch.setattr(run.dist, "destroy_process_group", lambda: calls.append(("destroy", None)))
+    monkeypatch.setattr(run, "leave_process_group", lambda: calls.append(("destroy", None)))
     run.main(["natural", *FAST, "--epochs", "1", "--out", str(tmp_path)])
     assert calls == [("barrier", True), ("destroy", None)]
 
