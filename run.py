@@ -1171,10 +1171,8 @@ def official_style_cure_step(model, optimizer, x, y, revision, cfg, schedule, co
     import kernels
     x_adv = rf.pgd(model, x, y, eps, step_size, steps, loss="kl")
     rev_nat, rev_adv = revision.targets(x, x_adv)
-    logits_nat, logits_adv = model(x), model(x_adv)
-    terms = [torch.nn.functional.cross_entropy(logits_nat, y), torch.nn.functional.cross_entropy(logits_adv, y),
-             cfg.beta * rf.kl_batchmean(logits_nat, logits_adv),
-             cfg.gamma * (rf.consistency_loss(logits_nat, rev_nat) + rf.consistency_loss(logits_adv, rev_adv))]
+    _, ce_nat, ce_adv, kl, l_cr = rf.cure_losses(model, x, x_adv, y, rev_nat, rev_adv)
+    terms = [ce_nat, ce_adv, cfg.beta * kl, cfg.gamma * l_cr]
     grads = []
     for term in terms:
         optimizer.zero_grad()
